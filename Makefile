@@ -1,0 +1,59 @@
+# The stable interface: make demo, make test (and make up / make down for a stack that stays up).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON311 ?= $(shell command -v python3.11)
+PYTHON313 ?= $(shell p=$$(pyenv root 2>/dev/null)/versions/3.13.0/bin/python3; [ -x "$$p" ] && echo $$p || command -v python3.13)
+VENV := .venv
+BQ_VENV := .venv-bq
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help install model demo up down status test test-fast lock clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -n "$(PYTHON311)" || { echo "error: python3.11 not found; install Python 3.11 or set PYTHON311=/path/to/python3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON311) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+$(BQ_VENV)/.installed: localcloud/bigquery-requirements.txt
+	@test -n "$(PYTHON313)" || { echo "error: Python 3.13 not found (local-bigquery needs it); pyenv install 3.13.0 or set PYTHON313"; exit 1; }
+	test -x $(BQ_VENV)/bin/python || $(PYTHON313) -m venv $(BQ_VENV)
+	$(BQ_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BQ_VENV)/bin/python -m pip install --quiet --no-deps -r localcloud/bigquery-requirements.txt
+	touch $@
+
+install: $(VENV)/.installed $(BQ_VENV)/.installed  ## create both virtual environments (pinned)
+
+model: install  ## build the demo dataset and model once (reused while it verifies)
+	$(PY) -m modelkit build-demo --dataset-dir build/demo-dataset --models-root build/models
+
+demo: model  ## run the whole pipeline on the local emulators, print the result table, stop
+	$(PY) -m localcloud demo
+
+up: model  ## start the local stack and leave it running
+	$(PY) -m localcloud up
+
+down:  ## stop the local stack
+	@if [ -x $(PY) ]; then $(PY) -m localcloud down; fi
+
+status:  ## which processes of the local stack run
+	$(PY) -m localcloud status
+
+test: model  ## run every test (unit and on the real local stack)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: model  ## skip the tests marked slow
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lock:  ## re-pin the whole dependency tree from the current venv
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock
+
+clean: down  ## remove run data, build outputs and venvs
+	rm -rf .run build $(VENV) $(BQ_VENV)

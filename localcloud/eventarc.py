@@ -1,0 +1,129 @@
+"""Eventarc stand-in: Cloud Storage notifications on Pub/Sub -> CloudEvents POSTed to the function.
+
+In Google Cloud, Eventarc delivers an object-finalized event to a 2nd-gen function as a CloudEvent
+in binary content mode: context attributes as `ce-*` headers, the object resource as the JSON body.
+fake-gcs-server publishes the notification (JSON_API_V1 payload) to Pub/Sub; this process turns
+each one into that request, so the function's production code path is the one exercised.
+
+Delivery follows Eventarc with retries on: 2xx acks; 5xx, 429 and connection errors are retried
+(nack after a short pause). A 4xx other than 429 is logged and dropped: the event will never
+become valid, and locally nothing else would stop the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import click
+import requests
+
+_LOGGER = logging.getLogger("localcloud.eventarc")
+
+FINALIZED_EVENT_TYPE = "google.cloud.storage.object.v1.finalized"
+NOTIFICATION_EVENT_TYPES = {"OBJECT_FINALIZE": FINALIZED_EVENT_TYPE}
+RETRY_PAUSE_S = 0.5
+
+
+def notification_to_cloudevent(attributes: dict[str, str], data: bytes, message_id: str) -> tuple[dict, bytes] | None:
+    """A GCS Pub/Sub notification -> (headers, body) of Eventarc's binary-mode CloudEvent.
+
+    None for notification types this trigger does not subscribe to.
+    """
+    event_type = NOTIFICATION_EVENT_TYPES.get(attributes.get("eventType", ""))
+    if event_type is None:
+        return None
+    bucket = attributes["bucketId"]
+    name = attributes["objectId"]
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": message_id,
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "ce-type": event_type,
+        "ce-subject": f"objects/{name}",
+        "ce-bucket": bucket,
+        "Content-Type": "application/json; charset=utf-8",
+    }
+    if attributes.get("eventTime"):
+        headers["ce-time"] = attributes["eventTime"]
+    # Eventarc sends the object resource; keep fake-gcs-server's bytes as they are.
+    json.loads(data)
+    return headers, data
+
+
+class Forwarder:
+    def __init__(self, target_url: str, timeout_s: float = 60.0):
+        self._target_url = target_url
+        self._timeout_s = timeout_s
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    def __call__(self, message) -> None:
+        try:
+            converted = notification_to_cloudevent(dict(message.attributes), message.data, message.message_id)
+        except (KeyError, ValueError) as exc:
+            _LOGGER.error("dropping notification %s that is not a GCS notification: %s", message.message_id, exc)
+            message.ack()
+            return
+        if converted is None:
+            message.ack()
+            return
+        headers, body = converted
+        try:
+            response = self._session().post(self._target_url, data=body, headers=headers, timeout=self._timeout_s)
+        except requests.RequestException as exc:
+            _LOGGER.warning("function unreachable for event %s: %s; will retry", message.message_id, exc)
+            time.sleep(RETRY_PAUSE_S)
+            message.nack()
+            return
+        if 200 <= response.status_code < 300:
+            message.ack()
+        elif response.status_code == 429 or response.status_code >= 500:
+            _LOGGER.warning("function answered %d for event %s; will retry", response.status_code, message.message_id)
+            time.sleep(RETRY_PAUSE_S)
+            message.nack()
+        else:
+            _LOGGER.error("function rejected event %s with %d: %s", message.message_id, response.status_code,
+                          response.text[:300])
+            message.ack()
+
+
+@click.command()
+@click.option("--subscription", required=True, help="projects/P/subscriptions/S receiving GCS notifications")
+@click.option("--target", required=True, help="URL of the function")
+@click.option("--ready-file", type=click.Path(path_type=Path), help="written once the stream is open")
+@click.option("--max-in-flight", default=64, show_default=True, help="events delivered at once")
+def main(subscription: str, target: str, ready_file: Path | None, max_in_flight: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from google.cloud import pubsub_v1
+    from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
+
+    from worker import logs
+
+    logs.configure()
+    subscriber = pubsub_v1.SubscriberClient()
+    stream = subscriber.subscribe(
+        subscription, callback=Forwarder(target),
+        flow_control=pubsub_v1.types.FlowControl(max_messages=max_in_flight),
+        scheduler=ThreadScheduler(ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="deliver")),
+    )
+    if ready_file:
+        ready_file.write_text("ready")
+    _LOGGER.info("delivering %s to %s", subscription, target)
+    try:
+        stream.result()
+    except KeyboardInterrupt:
+        stream.cancel()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Create the stack's topics, subscriptions, bucket, dataset and tables (idempotent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from google.api_core.exceptions import AlreadyExists, Conflict
+from google.api_core.retry import Retry
+
+from localcloud.config import REPO_ROOT, StackConfig
+
+SQL_DIR = REPO_ROOT / "sql"
+JOBS_ACK_DEADLINE_S = 60
+
+
+def table_schema(name: str) -> list[dict]:
+    return json.loads((SQL_DIR / f"{name}_schema.json").read_text())
+
+
+def create_pubsub(config: StackConfig) -> None:
+    from worker.clients import publisher_client, subscriber_client
+
+    publisher = publisher_client(config.client_env())
+    subscriber = subscriber_client(config.client_env())
+    for topic, subscription, ack_deadline_s in (
+        (config.notifications_topic, config.eventarc_subscription, 60),
+        (config.jobs_topic, config.jobs_subscription, JOBS_ACK_DEADLINE_S),
+    ):
+        try:
+            publisher.create_topic(name=config.topic_path(topic))
+        except AlreadyExists:
+            pass
+        try:
+            subscriber.create_subscription(request={
+                "name": config.subscription_path(subscription),
+                "topic": config.topic_path(topic),
+                "ack_deadline_seconds": ack_deadline_s,
+            })
+        except AlreadyExists:
+            pass
+    subscriber.close()
+
+
+def create_bucket(config: StackConfig) -> None:
+    from worker.clients import storage_client
+
+    client = storage_client(config.project, config.client_env())
+    try:
+        client.create_bucket(config.bucket)
+    except Conflict:
+        pass
+
+
+def create_bigquery(config: StackConfig) -> None:
+    from google.cloud import bigquery
+
+    from worker.clients import bigquery_client
+
+    client = bigquery_client(config.project, config.client_env())
+    retry = Retry(timeout=30)
+    client.create_dataset(bigquery.Dataset(f"{config.project}.{config.dataset}"), exists_ok=True, retry=retry)
+    for table_name, schema_name, partition_field in (
+        (config.results_table, "results", "processed_at"),
+        (config.errors_table, "errors", "failed_at"),
+    ):
+        table = bigquery.Table(config.table_id(table_name),
+                               schema=[bigquery.SchemaField.from_api_repr(f) for f in table_schema(schema_name)])
+        table.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.DAY,
+                                                            field=partition_field)
+        if schema_name == "results":
+            table.clustering_fields = ["engine", "model_version"]
+        client.create_table(table, exists_ok=True, retry=retry)
+    for view_file in sorted(SQL_DIR.glob("views/*.sql")):
+        create_view(client, config, view_file)
+
+
+def create_view(client, config: StackConfig, view_file: Path) -> None:
+    from google.cloud import bigquery
+
+    view = bigquery.Table(f"{config.project}.{config.dataset}.{view_file.stem}")
+    view.view_query = render_sql(view_file.read_text(), config)
+    client.delete_table(view, not_found_ok=True)
+    client.create_table(view)
+
+
+def render_sql(text: str, config: StackConfig) -> str:
+    """SQL files name tables as `${dataset}.results`; fill in the project and dataset."""
+    return text.replace("${project}", config.project).replace("${dataset}", config.dataset)

@@ -1,0 +1,104 @@
+"""`python -m worker run`: load the model once, then pull jobs until SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import click
+
+from worker import clients, logs
+from worker.batch import BatchRunner, Tables
+from worker.engines import create_engine
+from worker.gcs import GcsFetcher
+from worker.settings import SettingsError, WorkerSettings
+from worker.sink import BigQuerySink
+from worker.subscriber import PullWorker
+from worker.sysinfo import SystemSampler, machine_facts
+
+_LOGGER = logging.getLogger("worker")
+
+
+def build_runner(settings: WorkerSettings, io_pool: ThreadPoolExecutor, web_framework: str | None = None):
+    """Everything a batch needs, with the model loaded and warmed: shared by pull and HTTP."""
+    manifest = json.loads((settings.model_dir / "manifest.json").read_text())
+    engine = create_engine(settings.engine, settings.precision, settings.model_dir, manifest)
+    started = time.perf_counter()
+    engine.load()
+    engine.warmup()
+    info = engine.describe()
+    _LOGGER.info("model %s/%s loaded on %s %s (%s, %s) in %.0f ms", manifest["name"], manifest["version"],
+                 info.name, info.version, info.device, info.precision, (time.perf_counter() - started) * 1000)
+    return BatchRunner(
+        engine=engine,
+        manifest=manifest,
+        fetcher=GcsFetcher(clients.storage_client(settings.project), settings.download_timeout_s),
+        sink=BigQuerySink(clients.bigquery_client(settings.project), settings.insert_timeout_s),
+        tables=Tables(results=settings.results_table, errors=settings.errors_table),
+        limits=settings.decode_limits,
+        machine_row=machine_facts().as_row(),
+        sample_system=SystemSampler().sample,
+        io_pool=io_pool,
+        web_framework=web_framework,
+    )
+
+
+@click.group()
+def cli() -> None:
+    """Image-inference worker."""
+
+
+@cli.command()
+@click.option("--log-level", envvar="WORKER_LOG_LEVEL", default="INFO", show_default=True)
+def run(log_level: str) -> None:
+    """Pull jobs from the subscription in WORKER_SUBSCRIPTION until SIGTERM or SIGINT."""
+    logs.configure(log_level)
+    try:
+        settings = WorkerSettings.from_env()
+    except SettingsError as exc:
+        click.echo(f"worker: {exc}", err=True)
+        sys.exit(2)
+
+    io_pool = ThreadPoolExecutor(max_workers=settings.download_threads, thread_name_prefix="io")
+    runner = build_runner(settings, io_pool)
+    pull = PullWorker(
+        subscriber=clients.subscriber_client(),
+        subscription_path=settings.subscription_path,
+        runner=runner,
+        batch_size=settings.batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+        max_outstanding_messages=settings.max_outstanding_messages,
+        pipelines=settings.pipelines,
+    )
+    stop_requested = threading.Event()
+
+    def request_stop(signum, _frame):
+        _LOGGER.info("signal %d: stopping", signum)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    pull.start()
+    if settings.ready_file:
+        settings.ready_file.write_text(str(time.time()))
+    while not stop_requested.wait(0.5):
+        if not pull.healthy:
+            _LOGGER.error("the pull stream ended; exiting so the supervisor restarts the worker")
+            pull.stop(settings.shutdown_timeout_s)
+            try:
+                pull.wait()
+            except Exception as exc:
+                _LOGGER.error("stream error: %s", exc)
+            sys.exit(1)
+    pull.stop(settings.shutdown_timeout_s)
+    io_pool.shutdown(wait=False, cancel_futures=True)
+    _LOGGER.info("processed %d jobs", pull.processed)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,288 @@
+"""Turn a batch of job deliveries into result or error rows, then ack or nack each delivery.
+
+The runner owns timing and failure policy for every engine alike. Collaborators (fetcher, engine,
+sink) are passed in, so unit tests use in-memory fakes and system tests the real servers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from worker.engines.base import Engine
+from worker.jobs import Job, MalformedJob, parse_job, partial_identity
+from worker.preprocess import DecodeLimits, ImageRejected, decode_image
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class PermanentError(Exception):
+    """Retrying cannot help: the upload gets an error row and its message is acked."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Fetcher(Protocol):
+    def fetch(self, job: Job) -> bytes:
+        """The object's bytes at the job's generation. PermanentError if it is gone."""
+
+
+class Sink(Protocol):
+    def insert(self, table: str, rows: list[dict]): ...
+
+
+@dataclass
+class Delivery:
+    """One job message as received; ack/nack come from the transport (pull or push)."""
+
+    data: bytes
+    message_id: str
+    delivery_attempt: int | None
+    received_at: dt.datetime
+    received_monotonic: float
+    ack: Callable[[], None]
+    nack: Callable[[], None]
+
+
+@dataclass
+class BatchReport:
+    results: int = 0
+    errors: int = 0
+    retried: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tables:
+    results: str
+    errors: str
+
+
+@dataclass
+class _Item:
+    delivery: Delivery
+    job: Job | None = None
+    pixels: np.ndarray | None = None
+    download_ms: float | None = None
+    preprocess_ms: float | None = None
+    error: PermanentError | None = None
+    transient: str | None = None
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def ms_between(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds() * 1000.0
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        manifest: dict,
+        fetcher: Fetcher,
+        sink: Sink,
+        tables: Tables,
+        limits: DecodeLimits,
+        machine_row: dict,
+        sample_system: Callable[[], dict],
+        io_pool: ThreadPoolExecutor,
+        web_framework: str | None = None,
+    ):
+        self._engine = engine
+        self._info = engine.describe()
+        self._class_names = list(manifest["class_names"])
+        self._threshold = float(manifest.get("threshold", 0.5))
+        self._model_name = str(manifest["name"])
+        self._model_version = str(manifest["version"])
+        self._fetcher = fetcher
+        self._sink = sink
+        self._tables = tables
+        self._limits = limits
+        self._machine_row = machine_row
+        self._sample_system = sample_system
+        self._pool = io_pool
+        self._web_framework = web_framework
+        self._cold = True
+
+    @property
+    def model_version(self) -> str:
+        return self._model_version
+
+    def run(self, deliveries: list[Delivery]) -> BatchReport:
+        batch_started = time.monotonic()
+        items = [_Item(delivery) for delivery in deliveries]
+        for item in items:
+            try:
+                item.job = parse_job(item.delivery.data)
+            except MalformedJob as exc:
+                item.error = PermanentError("malformed_job", str(exc))
+        list(self._pool.map(self._fetch_and_decode, [item for item in items if item.job]))
+
+        ready = [item for item in items if item.pixels is not None]
+        batch_ms = 0.0
+        logits = np.empty(0, dtype=np.float32)
+        if ready:
+            batch = np.stack([item.pixels for item in ready])
+            started = time.perf_counter()
+            try:
+                logits = self._engine.infer(batch)
+            except Exception as exc:  # an engine fault is ours, not the image's: retry
+                _LOGGER.exception("inference failed for a batch of %d", len(ready))
+                for item in ready:
+                    item.transient = f"inference failed: {exc}"
+                ready = []
+            batch_ms = (time.perf_counter() - started) * 1000.0
+
+        system = self._sample_system()
+        processed_at = dt.datetime.now(dt.timezone.utc)
+        finished = time.monotonic()
+        result_items, result_rows = [], []
+        scores = sigmoid(logits) if ready else []
+        for item, logit, score in zip(ready, logits, scores):
+            result_items.append(item)
+            result_rows.append(self._result_row(item, float(logit), float(score), len(ready), batch_ms,
+                                                batch_started, finished, processed_at, system))
+        error_items = [item for item in items if item.error]
+        error_rows = [self._error_row(item, processed_at) for item in error_items]
+        if ready:
+            self._cold = False
+
+        report = BatchReport()
+        self._settle(self._tables.results, result_items, result_rows, report, is_error=False)
+        self._settle(self._tables.errors, error_items, error_rows, report, is_error=True)
+        for item in items:
+            if item.transient:
+                _LOGGER.warning("will retry %s: %s", item.job.event_key if item.job else item.delivery.message_id,
+                                item.transient)
+                item.delivery.nack()
+                report.retried += 1
+        return report
+
+    def _settle(self, table: str, items: list[_Item], rows: list[dict], report: BatchReport, is_error: bool) -> None:
+        """Ack only what the sink accepted; nack the rest so it comes back."""
+        if not rows:
+            return
+        outcome = self._sink.insert(table, rows)
+        for index, (item, row) in enumerate(zip(items, rows)):
+            if index in outcome.failed:
+                item.transient = f"not written to {table}: {outcome.failed[index]}"
+                continue
+            item.delivery.ack()
+            if is_error:
+                report.errors += 1
+                report.reasons[row["reason"]] = report.reasons.get(row["reason"], 0) + 1
+            else:
+                report.results += 1
+
+    def _fetch_and_decode(self, item: _Item) -> None:
+        job = item.job
+        try:
+            if job.size is not None and job.size > self._limits.max_bytes:
+                raise PermanentError(
+                    "too_many_bytes",
+                    f"the object has {job.size} bytes, over the limit of {self._limits.max_bytes} "
+                    "(raise WORKER_MAX_IMAGE_BYTES to accept it)",
+                )
+            started = time.perf_counter()
+            data = self._fetcher.fetch(job)
+            downloaded = time.perf_counter()
+            item.download_ms = (downloaded - started) * 1000.0
+            try:
+                item.pixels = decode_image(data, self._limits)
+            except ImageRejected as exc:
+                raise PermanentError(exc.reason, str(exc))
+            item.preprocess_ms = (time.perf_counter() - downloaded) * 1000.0
+        except PermanentError as exc:
+            item.error = exc
+        except Exception as exc:  # network, server 5xx, timeouts: worth another delivery
+            item.transient = f"download of gs://{job.bucket}/{job.name} failed: {exc!r}"
+
+    def _result_row(self, item: _Item, logit: float, score: float, batch_size: int, batch_ms: float,
+                    batch_started: float, finished: float, processed_at: dt.datetime, system: dict) -> dict:
+        job, delivery = item.job, item.delivery
+        positive = score >= self._threshold
+        info = self._info
+        return {
+            "event_key": job.event_key,
+            "run_id": job.run_id,
+            "bucket": job.bucket,
+            "object_name": job.name,
+            "generation": job.generation,
+            "size_bytes": job.size,
+            "content_type": job.content_type,
+            "object_created_at": _iso(job.time_created),
+            "label": self._class_names[1 if positive else 0],
+            "score": score,
+            "logit": logit,
+            "threshold": self._threshold,
+            "model_name": self._model_name,
+            "model_version": self._model_version,
+            "model_form": info.model_form,
+            "engine": info.name,
+            "engine_version": info.version,
+            "device": info.device,
+            "precision": info.precision,
+            "batch_size": batch_size,
+            "created_to_function_ms": ms_between(job.time_created, job.function_received_at),
+            "function_to_worker_ms": ms_between(job.function_received_at, delivery.received_at),
+            "queue_ms": max(0.0, (batch_started - delivery.received_monotonic) * 1000.0),
+            "download_ms": item.download_ms,
+            "preprocess_ms": item.preprocess_ms,
+            "inference_ms": batch_ms / batch_size,
+            "batch_inference_ms": batch_ms,
+            "total_ms": (finished - delivery.received_monotonic) * 1000.0,
+            "end_to_end_ms": ms_between(job.time_created, processed_at),
+            "cold": self._cold,
+            **self._machine_row,
+            "web_framework": self._web_framework,
+            **system,
+            "message_id": delivery.message_id,
+            "delivery_attempt": delivery.delivery_attempt,
+            "received_at": delivery.received_at.isoformat(),
+            "processed_at": processed_at.isoformat(),
+        }
+
+    def _error_row(self, item: _Item, failed_at: dt.datetime) -> dict:
+        job = item.job
+        if job is not None:
+            identity = {"event_key": job.event_key, "run_id": job.run_id, "bucket": job.bucket,
+                        "object_name": job.name, "generation": job.generation, "size_bytes": job.size,
+                        "content_type": job.content_type}
+        else:
+            partial = partial_identity(item.delivery.data)
+            generation = partial.get("generation")
+            identity = {
+                # A malformed job still needs a stable key, so its redeliveries collapse to one row.
+                "event_key": partial.get("event_key") or f"message:{item.delivery.message_id}",
+                "bucket": partial.get("bucket"), "object_name": partial.get("name"),
+                "generation": int(generation) if str(generation or "").isdigit() else None,
+            }
+        _LOGGER.info("error row for %s: %s", identity["event_key"], item.error.reason)
+        return {
+            **identity,
+            "reason": item.error.reason,
+            "message": str(item.error),
+            "attempt": item.delivery.delivery_attempt,
+            "model_version": self._model_version,
+            "worker_host": self._machine_row.get("worker_host"),
+            "message_id": item.delivery.message_id,
+            "failed_at": failed_at.isoformat(),
+        }
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None

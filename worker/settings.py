@@ -1,0 +1,109 @@
+"""The worker's one settings object, read from the environment once at start."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+from worker.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits
+
+
+class SettingsError(ValueError):
+    """A setting is missing or wrong; the message names the variable and what to do."""
+
+
+ENGINES = ("openvino",)
+PRECISIONS = ("f32", "bf16", "f16", "default")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    project: str
+    subscription: str
+    results_table: str
+    errors_table: str
+    model_dir: Path
+    engine: str = "openvino"
+    precision: str = "f32"
+    batch_size: int = 32
+    batch_wait_ms: float = 10.0
+    max_outstanding_messages: int = 256
+    download_threads: int = 8
+    pipelines: int = 2
+    max_image_bytes: int = DEFAULT_MAX_BYTES
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    download_timeout_s: float = 30.0
+    insert_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 20.0
+    ready_file: Path | None = None
+
+    @property
+    def subscription_path(self) -> str:
+        if self.subscription.startswith("projects/"):
+            return self.subscription
+        return f"projects/{self.project}/subscriptions/{self.subscription}"
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "WorkerSettings":
+        """Build from WORKER_* variables (and GOOGLE_CLOUD_PROJECT). Raises SettingsError."""
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            name = f"WORKER_{field.name.upper()}"
+            raw = env.get(name)
+            if field.name == "project":
+                raw = raw or env.get("GOOGLE_CLOUD_PROJECT")
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _convert(name, raw, field.type)
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [f"WORKER_{name.upper()}" for name in required if name not in values]
+        if missing:
+            raise SettingsError(f"missing settings: {', '.join(missing)} (see README, 'Worker settings')")
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise SettingsError(f"WORKER_ENGINE={self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"WORKER_PRECISION={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "max_outstanding_messages", "download_threads", "pipelines",
+                     "max_image_bytes", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"WORKER_{name.upper()}={getattr(self, name)} must be >= 1")
+        if self.max_outstanding_messages < self.batch_size:
+            raise SettingsError(
+                f"WORKER_MAX_OUTSTANDING_MESSAGES={self.max_outstanding_messages} is below "
+                f"WORKER_BATCH_SIZE={self.batch_size}: a batch could never fill"
+            )
+        for table_setting in ("results_table", "errors_table"):
+            if getattr(self, table_setting).count(".") != 2:
+                raise SettingsError(
+                    f"WORKER_{table_setting.upper()}={getattr(self, table_setting)!r} must be project.dataset.table"
+                )
+        if not (self.model_dir / "manifest.json").is_file():
+            raise SettingsError(
+                f"WORKER_MODEL_DIR={self.model_dir} has no manifest.json: "
+                "point it at a model version directory (make model builds build/models/demo/1)"
+            )
+
+
+def _convert(name: str, raw: str, annotation: object) -> object:
+    kind = str(annotation)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if "Path" in kind:
+            return Path(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind}")
+    return raw
