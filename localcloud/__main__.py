@@ -11,7 +11,8 @@ from localcloud.config import StackConfig
 from localcloud.processes import StackError
 from localcloud.stack import Stack
 
-console = Console(stderr=True)
+# Wide enough for the result tables when output goes to a file or CI log rather than a terminal.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 
 def _stack() -> Stack:

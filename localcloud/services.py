@@ -146,8 +146,8 @@ def eventarc(config: StackConfig) -> Service:
     )
 
 
-def worker(config: StackConfig, **overrides: str) -> Service:
-    ready_file = config.run_dir / "worker.ready"
+def worker(config: StackConfig, name: str = "worker", **overrides: str) -> Service:
+    ready_file = config.run_dir / f"{name}.ready"
     ready_file.unlink(missing_ok=True)
     env = {
         **config.client_env(),
@@ -160,7 +160,7 @@ def worker(config: StackConfig, **overrides: str) -> Service:
         **overrides,
     }
     return Service(
-        name="worker",
+        name=name,
         argv=[sys.executable, "-m", "worker", "run"],
         env=env,
         ready=ready_file.is_file,

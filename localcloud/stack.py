@@ -11,6 +11,7 @@ from localcloud.processes import ProcessManager, StackError
 
 # Start order; stop goes in reverse so nothing loses its peer while still working.
 SERVICE_ORDER = ("pubsub", "gcs", "bigquery", "function", "eventarc", "worker")
+EXTRA_WORKER_PREFIX = "worker-"
 
 
 class Stack:
@@ -47,15 +48,17 @@ class Stack:
             self.down()
             raise
 
-    def start_worker(self, **env: str) -> None:
-        self.processes.start(services.worker(self.config, **env))
+    def start_worker(self, name: str = "worker", **env: str) -> None:
+        """Start a worker; extra ones (name worker-*) may run next to the main one."""
+        self.processes.start(services.worker(self.config, name=name, **env))
 
-    def stop_worker(self) -> bool:
-        return self.processes.stop("worker", timeout_s=30)
+    def stop_worker(self, name: str = "worker") -> bool:
+        return self.processes.stop(name, timeout_s=30)
 
     def down(self) -> list[str]:
         stopped = []
-        for name in reversed(SERVICE_ORDER):
+        extra_workers = [n for n in self.processes.running() if n.startswith(EXTRA_WORKER_PREFIX)]
+        for name in extra_workers + list(reversed(SERVICE_ORDER)):
             if self.processes.stop(name):
                 stopped.append(name)
         return stopped

@@ -38,7 +38,7 @@ class OpenVINOEngine:
             config["INFERENCE_PRECISION_HINT"] = hint
         self._compiled = core.compile_model(core.read_model(self.model_xml), self.device, config)
         self._logits_output = _find_output(self._compiled, "logits")
-        effective = str(self._compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+        effective = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if "int8" in self.model_form:
             effective = f"i8+{effective}"
         self._info = EngineInfo(

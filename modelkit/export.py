@@ -1,0 +1,124 @@
+"""Write a trained Keras model as the forms engines load, and run each form for evaluation.
+
+Layout of one version directory (TF Serving's `<name>/<version>/`, so the directory itself is the
+SavedModel):
+
+    saved_model.pb, variables/, assets/, fingerprint.pb   signature serving_default
+    openvino/fp32/model.xml|.bin                          IR, FP32 weights
+    openvino/fp16/model.xml|.bin                          IR, FP16-compressed weights
+    manifest.json                                         written last (see modelkit.manifest)
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import keras
+import numpy as np
+import openvino as ov
+import tensorflow as tf
+
+from modelkit.errors import ExportError
+
+INPUT_NAME = "image"
+INPUT_SHAPE = (None, 128, 128, 1)
+OUTPUT_NAMES = ("logits", "probabilities")
+SIGNATURE = "serving_default"
+FORMS = {
+    "saved_model": ".",
+    "openvino_fp32": "openvino/fp32/model.xml",
+    "openvino_fp16": "openvino/fp16/model.xml",
+}
+EVAL_BATCH = 32  # bounds memory: the first conv layer holds 126x126x64 floats per image
+
+
+def export_saved_model(model: keras.Model, version_dir: Path) -> None:
+    """SavedModel with one signature: image [None,128,128,1] -> {logits, probabilities}.
+
+    The model ends in a linear Dense(1); the sigmoid lives here so every engine also exposes the
+    logit, which is what parity checks compare (probabilities saturate and hide differences).
+    """
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    @tf.function(input_signature=[tf.TensorSpec(INPUT_SHAPE, tf.float32, name=INPUT_NAME)])
+    def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        logits = model(image, training=False)
+        return {"logits": logits, "probabilities": tf.sigmoid(logits)}
+
+    archive.add_endpoint(SIGNATURE, serve)
+    archive.write_out(str(version_dir), verbose=False)
+
+
+def export_openvino(version_dir: Path) -> None:
+    """Convert the SavedModel in version_dir to FP32 and FP16 IRs with a dynamic batch."""
+    converted = ov.convert_model(str(version_dir))
+    # FP32 first: the saved file, not the in-memory model, is what evaluation reads back.
+    ov.save_model(converted, str(version_dir / FORMS["openvino_fp32"]), compress_to_fp16=False)
+    ov.save_model(converted, str(version_dir / FORMS["openvino_fp16"]), compress_to_fp16=True)
+    for form in ("openvino_fp32", "openvino_fp16"):
+        _check_ir_names(version_dir / FORMS[form])
+
+
+def _check_ir_names(xml_path: Path) -> None:
+    """Engines look tensors up by name; fail the build now rather than the worker later."""
+    model = ov.Core().read_model(str(xml_path))
+    input_names = [sorted(port.get_names()) for port in model.inputs]
+    output_names = set().union(*(port.get_names() for port in model.outputs))
+    if len(model.inputs) != 1 or INPUT_NAME not in input_names[0]:
+        raise ExportError(f"{xml_path} has inputs {input_names}, expected one named {INPUT_NAME!r}")
+    missing = [name for name in OUTPUT_NAMES if name not in output_names]
+    if missing:
+        raise ExportError(f"{xml_path} lacks outputs {missing} (has {sorted(output_names)})")
+
+
+def saved_model_outputs(version_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Run the exported serving signature (not the in-memory Keras model) over images."""
+    signature = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE]
+    batches = [
+        signature(**{INPUT_NAME: tf.constant(images[start : start + EVAL_BATCH])})
+        for start in range(0, len(images), EVAL_BATCH)
+    ]
+    return {name: np.concatenate([batch[name].numpy() for batch in batches]) for name in OUTPUT_NAMES}
+
+
+def openvino_outputs(
+    xml_path: Path, images: np.ndarray, precision_hint: str = "f32"
+) -> tuple[dict[str, np.ndarray], str]:
+    """Run an IR on CPU; returns outputs and the effective inference precision.
+
+    The hint matters: on CPUs with bf16 support OpenVINO silently computes an FP32 IR in bf16.
+    """
+    compiled = ov.Core().compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": precision_hint})
+    effective = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"...
+    request = compiled.create_infer_request()
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
+    for start in range(0, len(images), EVAL_BATCH):
+        result = request.infer({INPUT_NAME: images[start : start + EVAL_BATCH]})
+        for name in OUTPUT_NAMES:
+            collected[name].append(np.array(result[compiled.output(name)]))
+    return {name: np.concatenate(parts) for name, parts in collected.items()}, effective
+
+
+def staging_dir_for(target: Path) -> Path:
+    """A hidden, non-numeric sibling: TF Serving and the worker never mistake it for a version."""
+    return target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}"
+
+
+def publish(staging: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished staging directory into place (atomic on one filesystem).
+
+    With overwrite, the old version is moved aside first and deleted after; readers may briefly
+    find no version, never a mix of two.
+    """
+    if not target.exists():
+        staging.rename(target)
+        return
+    if not overwrite:
+        raise ExportError(f"{target} already exists; pass --overwrite to replace it or pick another --version")
+    retired = target.parent / f".{target.name}.retired-{uuid.uuid4().hex[:8]}"
+    target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,226 @@
+"""Train the seed CNN on a decoded two-class folder and publish it as one model version.
+
+Callers load the folder first (`modelkit.dataset.load_labelled_folder`, no TensorFlow), so a bad
+dataset fails fast before this module's heavy imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import openvino as ov
+import PIL
+import tensorflow as tf
+
+from modelkit import export
+from modelkit.dataset import LabelledImages, stratified_split
+from modelkit.errors import ExportError
+from modelkit.manifest import verify_manifest, write_manifest
+from modelkit.metrics import CONFUSION_MATRIX_LAYOUT, binary_metrics
+from worker.preprocess import IMAGE_SIZE, PREPROCESSING_SPEC
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 4
+BATCH_SIZE = 32
+TEST_FRACTION = 0.3
+DROPOUT_RATE = 0.25  # the seed names Dropout layers without a rate; 0.25 is the Keras-examples value
+THRESHOLD = 0.5
+ARCHITECTURE = (
+    "seed 000 128CNN: Conv2D(64,3,relu) > MaxPool2 > Dropout > Conv2D(64,3,relu) > MaxPool2 > "
+    "Dropout > Flatten > Dense(64,relu) > Dense(1, linear logit); sigmoid in the serving signature"
+)
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    models_root: Path
+    name: str
+    version: int
+    epochs: int = DEFAULT_EPOCHS
+    seed: int = 0
+    overwrite: bool = False
+
+
+def version_dir_for(models_root: Path, name: str, version: int) -> Path:
+    """`<models_root>/<name>/<version>`, after checking both parts are safe directory names."""
+    if not _NAME_PATTERN.fullmatch(name):
+        raise ExportError(f"model name {name!r} must be letters, digits, '_', '.', '-' and not start with '.' or '-'")
+    if version < 1:
+        raise ExportError(f"version must be a positive integer (TF Serving's layout), got {version}")
+    return Path(models_root) / name / str(version)
+
+
+def build_model(dropout_rate: float = DROPOUT_RATE) -> keras.Model:
+    """The seed CNN, ending in a linear Dense(1): outputs the logit of class index 1."""
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name=export.INPUT_NAME),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(dropout_rate),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(dropout_rate),
+            layers.Flatten(),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(1, name="logit"),
+        ],
+        name="cnn128",
+    )
+    model.compile(optimizer="adam", loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    return model
+
+
+def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Path, dict[str, Any]]:
+    """Split 70/30 (stratified), train, export every form, evaluate them on the held-out split,
+    write the manifest and publish the version directory atomically. Returns (dir, manifest)."""
+    target = version_dir_for(settings.models_root, settings.name, settings.version)
+    if target.exists() and not settings.overwrite:
+        raise ExportError(f"{target} already exists; pass --overwrite to replace it or pick another --version")
+    train_idx, test_idx = stratified_split(data.labels, TEST_FRACTION, settings.seed)
+    _LOGGER.info(
+        "dataset %s: %d images (%s), %d train / %d held out, %d skipped",
+        data.root, len(data.labels), _class_counts(data.labels, data.class_names),
+        len(train_idx), len(test_idx), len(data.skipped),
+    )
+
+    keras.utils.set_random_seed(settings.seed)
+    model = build_model()
+    started = time.perf_counter()
+    model.fit(
+        data.images[train_idx],
+        data.labels[train_idx].astype(np.float32),
+        batch_size=BATCH_SIZE,
+        epochs=settings.epochs,
+        shuffle=True,
+        # A progress bar on a terminal; one line per epoch in logs and CI.
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    train_s = time.perf_counter() - started
+    _LOGGER.info("trained %d epochs in %.1f s", settings.epochs, train_s)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = export.staging_dir_for(target)
+    try:
+        export.export_saved_model(model, staging)
+        export.export_openvino(staging)
+        metrics = _evaluate_forms(staging, data.images[test_idx], data.labels[test_idx])
+        manifest = _manifest(data, settings, train_idx, test_idx, metrics, model.count_params(), train_s)
+        write_manifest(staging, manifest)
+        verify_manifest(staging)  # self-check before anything can see it
+        export.publish(staging, target, settings.overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target, verify_manifest(target)
+
+
+def _evaluate_forms(version_dir: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Held-out metrics per form, each with its effective precision and logit gap to SavedModel."""
+    reference = export.saved_model_outputs(version_dir, images)
+    results = {"saved_model": _form_metrics(reference, labels, "tensorflow CPU", "f32", reference)}
+    for form in ("openvino_fp32", "openvino_fp16"):
+        outputs, precision = export.openvino_outputs(version_dir / export.FORMS[form], images, "f32")
+        results[form] = _form_metrics(outputs, labels, "openvino CPU", precision, reference)
+    for form, values in results.items():
+        _LOGGER.info(
+            "held-out %s: accuracy %.4f, f1 %.4f, max |logit - saved_model| %.2e",
+            form, values["accuracy"], values["f1"], values["max_abs_logit_diff_vs_saved_model"],
+        )
+    return results
+
+
+def _form_metrics(
+    outputs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    engine: str,
+    precision: str,
+    reference: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    predicted = (outputs["probabilities"].ravel() >= THRESHOLD).astype(int)
+    gap = float(np.max(np.abs(outputs["logits"] - reference["logits"])))
+    return {
+        **binary_metrics(labels, predicted),
+        "engine": engine,
+        "inference_precision": precision,  # OpenVINO: read back from the compiled model
+        "max_abs_logit_diff_vs_saved_model": gap,
+    }
+
+
+def _class_counts(labels: np.ndarray, class_names: tuple[str, ...]) -> dict[str, int]:
+    return {name: int(np.sum(labels == index)) for index, name in enumerate(class_names)}
+
+
+def _manifest(
+    data: LabelledImages,
+    settings: TrainSettings,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    metrics: dict[str, dict[str, Any]],
+    parameters: int,
+    train_s: float,
+) -> dict[str, Any]:
+    train_counts = _class_counts(data.labels[train_idx], data.class_names)
+    test_counts = _class_counts(data.labels[test_idx], data.class_names)
+    return {
+        "name": settings.name,
+        "version": settings.version,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "frameworks": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "openvino": ov.__version__,
+            "numpy": np.__version__,
+            "pillow": PIL.__version__,  # decode_image's resize: pixels depend on it
+            "python": platform.python_version(),
+        },
+        "input": {"name": export.INPUT_NAME, "shape": list(export.INPUT_SHAPE), "dtype": "float32"},
+        "outputs": {name: name for name in export.OUTPUT_NAMES},
+        "preprocessing": PREPROCESSING_SPEC,
+        "class_names": list(data.class_names),
+        "threshold": THRESHOLD,
+        "decision": f"class_names[1] ({data.class_names[1]!r}) when probabilities >= threshold, else class_names[0]",
+        "forms": dict(export.FORMS),
+        "training": {
+            "architecture": ARCHITECTURE,
+            "parameters": parameters,
+            "dropout_rate": DROPOUT_RATE,
+            "optimizer": "adam (lr 0.001)",
+            "loss": "binary cross-entropy from logits",
+            "epochs": settings.epochs,
+            "batch_size": BATCH_SIZE,
+            "seed": settings.seed,
+            "duration_s": round(train_s, 2),
+        },
+        "metrics_info": {
+            "split": f"stratified held-out {TEST_FRACTION:.0%} of the dataset, never trained on",
+            "confusion_matrix": CONFUSION_MATRIX_LAYOUT,
+            "positive_class": data.class_names[1],
+        },
+        "metrics": metrics,
+        "dataset": {
+            "path": str(data.root),
+            "n_train": int(len(train_idx)),
+            "n_test": int(len(test_idx)),
+            "per_class": {
+                name: {"train": train_counts[name], "test": test_counts[name]} for name in data.class_names
+            },
+            "skipped_files": len(data.skipped),
+            "seed": settings.seed,
+            "note": data.note,
+        },
+    }

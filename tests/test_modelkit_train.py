@@ -1,0 +1,132 @@
+"""One real (tiny) training + export run, checked from the outside with TF and OpenVINO APIs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelkit.dataset import load_labelled_folder, make_demo_dataset
+from modelkit.errors import ExportError
+from modelkit.manifest import hash_tree, verify_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from modelkit.train import TrainSettings, train_and_export
+
+    root = tmp_path_factory.mktemp("modelkit")
+    make_demo_dataset(root / "data", per_class=16, seed=1)
+    data = load_labelled_folder(root / "data")
+    started = time.perf_counter()
+    version_dir, manifest = train_and_export(
+        data, TrainSettings(models_root=root / "models", name="tiny", version=3, epochs=1, seed=1)
+    )
+    seconds = time.perf_counter() - started
+    return {"root": root, "data": data, "dir": version_dir, "manifest": manifest, "seconds": seconds}
+
+
+def test_version_directory_layout(built: dict) -> None:
+    version_dir: Path = built["dir"]
+
+    assert version_dir == built["root"] / "models" / "tiny" / "3"
+    for relative in ("saved_model.pb", "variables/variables.index", "manifest.json",
+                     "openvino/fp32/model.xml", "openvino/fp32/model.bin",
+                     "openvino/fp16/model.xml", "openvino/fp16/model.bin"):
+        assert (version_dir / relative).is_file(), relative
+    # Staging and retired directories are gone.
+    assert [p.name for p in version_dir.parent.iterdir()] == ["3"]
+    assert built["seconds"] < 60
+
+
+def test_signature_takes_image_and_returns_logits_and_probabilities(built: dict) -> None:
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(built["dir"])).signatures["serving_default"]
+
+    _, inputs = signature.structured_input_signature
+    assert list(inputs) == ["image"]
+    assert inputs["image"].shape.as_list() == [None, 128, 128, 1] and inputs["image"].dtype == tf.float32
+    outputs = signature.structured_outputs
+    assert sorted(outputs) == ["logits", "probabilities"]
+    assert all(spec.shape.as_list() == [None, 1] for spec in outputs.values())
+
+
+def test_ir_tensor_names_and_dynamic_batch(built: dict) -> None:
+    import openvino as ov
+
+    for form in ("openvino_fp32", "openvino_fp16"):
+        model = ov.Core().read_model(str(built["dir"] / built["manifest"]["forms"][form]))
+        assert [port.get_any_name() for port in model.inputs] == ["image"]
+        assert model.inputs[0].get_partial_shape()[0].is_dynamic
+        assert {name for port in model.outputs for name in port.get_names()} >= {"logits", "probabilities"}
+
+
+def test_manifest_content_and_hashes(built: dict) -> None:
+    version_dir: Path = built["dir"]
+    on_disk = json.loads((version_dir / "manifest.json").read_text())
+
+    assert verify_manifest(version_dir) == on_disk == built["manifest"]
+    assert on_disk["files"] == hash_tree(version_dir)
+    assert (on_disk["name"], on_disk["version"], on_disk["threshold"]) == ("tiny", 3, 0.5)
+    assert on_disk["class_names"] == ["grass", "moon"]
+    assert on_disk["input"] == {"name": "image", "shape": [None, 128, 128, 1], "dtype": "float32"}
+    from worker.preprocess import PREPROCESSING_SPEC
+
+    assert on_disk["preprocessing"] == json.loads(json.dumps(PREPROCESSING_SPEC))
+    assert set(on_disk["frameworks"]) >= {"tensorflow", "keras", "openvino"}
+    for form in ("saved_model", "openvino_fp32", "openvino_fp16"):
+        metrics = on_disk["metrics"][form]
+        assert set(metrics) >= {"accuracy", "precision", "recall", "f1", "confusion_matrix", "n"}
+        assert metrics["n"] == on_disk["dataset"]["n_test"] == 10
+    assert on_disk["dataset"]["n_train"] == 22
+    assert on_disk["dataset"]["per_class"] == {"grass": {"train": 11, "test": 5}, "moon": {"train": 11, "test": 5}}
+
+
+def test_openvino_fp32_logits_match_saved_model_on_real_images(built: dict) -> None:
+    import openvino as ov
+    import tensorflow as tf
+
+    images = built["data"].images  # decoded demo crops, not noise: noise saturates the sigmoid
+    signature = tf.saved_model.load(str(built["dir"])).signatures["serving_default"]
+    reference = signature(image=tf.constant(images))["logits"].numpy()
+    compiled = ov.Core().compile_model(
+        str(built["dir"] / "openvino/fp32/model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+
+    logits = compiled(images)[compiled.output("logits")]
+
+    assert reference.std() > 1e-3, "degenerate model: logits do not vary across images"
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4)
+
+
+def test_existing_version_is_not_overwritten_by_default(built: dict) -> None:
+    from modelkit.train import TrainSettings, train_and_export
+
+    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+        train_and_export(built["data"], TrainSettings(models_root=built["root"] / "models", name="tiny", version=3))
+
+
+def test_build_demo_reuses_the_real_version_without_tensorflow(built: dict) -> None:
+    started = time.perf_counter()
+
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "modelkit", "build-demo",
+         "--dataset-dir", str(built["root"] / "data"), "--models-root", str(built["root"] / "models"),
+         "--name", "tiny", "--version", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - started < 2.0
+    assert result.stdout.startswith("reused")
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "tensorflow" not in imported and "openvino" not in imported
