@@ -60,9 +60,18 @@ def test_a_non_image_upload_ends_as_one_error_row_with_a_reason(stack):
     assert all(e["message"] for e in errors)
 
 
-def test_objects_outside_the_prefix_are_not_classified(stack):
+def test_objects_outside_the_prefix_or_in_other_buckets_are_not_classified(stack):
+    from google.api_core.exceptions import Conflict
+
+    from worker.clients import storage_client
+
     run_id = new_run_id()
+    try:
+        storage_client(stack.config.project, stack.config.client_env()).create_bucket("other-bucket")
+    except Conflict:
+        pass
     upload(stack, f"elsewhere/{run_id}/skip.png", png_bytes(2), run_id)
+    upload(stack, f"{stack.config.prefix}{run_id}/other-bucket.png", png_bytes(2), run_id, bucket="other-bucket")
     upload(stack, f"{stack.config.prefix}{run_id}/take.png", png_bytes(3), run_id)
 
     results, errors = rows_for_run(stack, run_id, expected=1)
@@ -71,6 +80,8 @@ def test_objects_outside_the_prefix_are_not_classified(stack):
 
     assert [r["object_name"] for r in results] == [f"{stack.config.prefix}{run_id}/take.png"]
     assert errors == []
+    function_log = (stack.config.run_dir / "logs" / "function.log").read_text()
+    assert "not the upload bucket" in function_log
 
 
 @pytest.mark.parametrize("tool", ["gcloud", "gsutil"])

@@ -1,0 +1,162 @@
+"""The batch runner's ack/nack policy with in-memory fakes (the real servers are in test_*_stack.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from worker.batch import BatchRunner, Delivery, PermanentError, Tables
+from worker.engines.base import EngineInfo
+from worker.preprocess import DecodeLimits
+from worker.sink import InsertOutcome
+from tests.helpers import png_bytes
+
+MANIFEST = {"name": "demo", "version": "7", "class_names": ["grass", "moon"], "threshold": 0.5}
+
+
+class FakeEngine:
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.batches: list[int] = []
+
+    def infer(self, batch):
+        if self.fail:
+            raise RuntimeError("engine exploded")
+        self.batches.append(len(batch))
+        return (batch.mean(axis=(1, 2, 3)) - 0.5).astype(np.float32) * 10
+
+    def describe(self):
+        return EngineInfo("fake", "1.0", "CPU", "f32", "openvino_fp32")
+
+
+class FakeFetcher:
+    def __init__(self, objects: dict):
+        self.objects = objects
+        self.fetched: list[str] = []
+
+    def fetch(self, job):
+        self.fetched.append(job.name)
+        value = self.objects[job.name]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+class FakeSink:
+    def __init__(self, reject: set[str] = frozenset(), down: bool = False):
+        self.reject, self.down = reject, down
+        self.tables: dict[str, list[dict]] = {}
+
+    def insert(self, table, rows):
+        if self.down:
+            return InsertOutcome({i: "insert failed: 503" for i in range(len(rows))})
+        outcome = InsertOutcome({i: "rejected" for i, row in enumerate(rows) if row["event_key"] in self.reject})
+        self.tables.setdefault(table, []).extend(r for i, r in enumerate(rows) if i not in outcome.failed)
+        return outcome
+
+
+class Recorder:
+    def __init__(self):
+        self.acked: list[str] = []
+        self.nacked: list[str] = []
+
+    def delivery(self, name: str, size: int | None = 100, data: bytes | None = None) -> Delivery:
+        body = data if data is not None else json.dumps({
+            "event_key": f"b/{name}#1", "bucket": "b", "name": name, "generation": "1", "size": size,
+            "time_created": "2026-11-22T22:00:00Z", "function_received_at": "2026-11-22T22:00:00.100000+00:00",
+            "metadata": {"run_id": "r"}}).encode()
+        return Delivery(data=body, message_id=f"m-{name}", delivery_attempt=1,
+                        received_at=dt.datetime.now(dt.timezone.utc), received_monotonic=time.monotonic(),
+                        ack=lambda: self.acked.append(name), nack=lambda: self.nacked.append(name))
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(4) as executor:
+        yield executor
+
+
+def runner(pool, objects, engine=None, sink=None, limits=DecodeLimits()):
+    return BatchRunner(engine=engine or FakeEngine(), manifest=MANIFEST, fetcher=FakeFetcher(objects),
+                       sink=sink or FakeSink(), tables=Tables("p.d.results", "p.d.errors"), limits=limits,
+                       machine_row={"worker_host": "h"}, sample_system=lambda: {"cpu_percent": 1.0},
+                       io_pool=pool)
+
+
+def white_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_good_images_become_result_rows_in_one_inference_call_and_are_acked(pool):
+    sink, engine, rec = FakeSink(), FakeEngine(), Recorder()
+    batch_runner = runner(pool, {"a.png": white_png(), "b.png": png_bytes(1)}, engine=engine, sink=sink)
+
+    report = batch_runner.run([rec.delivery("a.png"), rec.delivery("b.png")])
+
+    assert report.results == 2 and report.errors == 0 and report.retried == 0
+    assert engine.batches == [2]
+    assert sorted(rec.acked) == ["a.png", "b.png"] and rec.nacked == []
+    rows = {r["object_name"]: r for r in sink.tables["p.d.results"]}
+    assert rows["a.png"]["label"] == "moon" and rows["a.png"]["score"] > 0.99  # white -> logit +5
+    assert rows["a.png"]["batch_size"] == 2
+    assert rows["a.png"]["inference_ms"] == pytest.approx(rows["a.png"]["batch_inference_ms"] / 2)
+    assert rows["a.png"]["function_to_worker_ms"] > 0 and rows["a.png"]["run_id"] == "r"
+    assert rows["a.png"]["cold"] is True
+    batch_runner.run([rec.delivery("a.png")])
+    assert sink.tables["p.d.results"][-1]["cold"] is False
+
+
+def test_bad_input_becomes_one_error_row_and_is_acked_without_retry(pool):
+    sink, rec = FakeSink(), Recorder()
+    objects = {"doc.pdf": b"%PDF-1.4", "gone.png": PermanentError("object_not_found", "deleted"),
+               "ok.png": png_bytes(2), "huge.png": png_bytes(3)}
+    report = runner(pool, objects, sink=sink, limits=DecodeLimits(max_bytes=10_000)).run(
+        [rec.delivery("doc.pdf"), rec.delivery("gone.png"), rec.delivery("ok.png"),
+         rec.delivery("huge.png", size=50_000), rec.delivery("junk", data=b"\xff not json")])
+
+    reasons = {r["object_name"] or r["event_key"]: r["reason"] for r in sink.tables["p.d.errors"]}
+    assert reasons == {"doc.pdf": "not_an_image", "gone.png": "object_not_found", "huge.png": "too_many_bytes",
+                       "message:m-junk": "malformed_job"}
+    assert report.results == 1 and report.errors == 4
+    assert sorted(rec.acked) == ["doc.pdf", "gone.png", "huge.png", "junk", "ok.png"] and rec.nacked == []
+
+
+def test_transient_download_failures_are_nacked_and_write_nothing(pool):
+    sink, rec = FakeSink(), Recorder()
+    report = runner(pool, {"a.png": ConnectionError("reset"), "b.png": png_bytes(4)}, sink=sink).run(
+        [rec.delivery("a.png"), rec.delivery("b.png")])
+    assert rec.nacked == ["a.png"] and rec.acked == ["b.png"] and report.retried == 1
+    assert [r["object_name"] for r in sink.tables["p.d.results"]] == ["b.png"]
+
+
+def test_only_rows_the_sink_accepted_are_acked(pool):
+    rec = Recorder()
+    sink = FakeSink(reject={"b/b.png#1"})
+    runner(pool, {"a.png": png_bytes(5), "b.png": png_bytes(6)}, sink=sink).run(
+        [rec.delivery("a.png"), rec.delivery("b.png")])
+    assert rec.acked == ["a.png"] and rec.nacked == ["b.png"]
+
+
+def test_a_sink_outage_nacks_every_message_including_error_rows(pool):
+    rec = Recorder()
+    report = runner(pool, {"a.png": png_bytes(7), "doc.pdf": b"%PDF"}, sink=FakeSink(down=True)).run(
+        [rec.delivery("a.png"), rec.delivery("doc.pdf")])
+    assert rec.acked == [] and sorted(rec.nacked) == ["a.png", "doc.pdf"]
+    assert report.results == report.errors == 0 and report.retried == 2
+
+
+def test_an_engine_failure_is_retried_not_blamed_on_the_images(pool):
+    rec, sink = Recorder(), FakeSink()
+    runner(pool, {"a.png": png_bytes(8)}, engine=FakeEngine(fail=True), sink=sink).run([rec.delivery("a.png")])
+    assert rec.nacked == ["a.png"] and rec.acked == [] and sink.tables == {}
