@@ -28,6 +28,10 @@ class StackConfig:
     eventarc_subscription: str = "eventarc-trigger"
     jobs_topic: str = "jobs"
     jobs_subscription: str = "jobs-worker"
+    jobs_ack_deadline_s: int = 60
+    dead_letter_topic: str = "jobs-dead-letter"
+    dead_letter_subscription: str = "jobs-dead-letter-hold"
+    max_delivery_attempts: int = 5
     dataset: str = "inference"
     results_table: str = "results"
     errors_table: str = "errors"

@@ -55,9 +55,10 @@ def notification_to_cloudevent(attributes: dict[str, str], data: bytes, message_
 
 
 class Forwarder:
-    def __init__(self, target_url: str, timeout_s: float = 60.0):
+    def __init__(self, target_url: str, timeout_s: float = 60.0, copies: int = 1):
         self._target_url = target_url
         self._timeout_s = timeout_s
+        self._copies = copies  # >1 injects the duplicate deliveries Eventarc's retries can cause
         self._local = threading.local()
 
     def _session(self) -> requests.Session:
@@ -77,16 +78,23 @@ class Forwarder:
             message.ack()
             return
         headers, body = converted
+        for _ in range(self._copies):
+            if not self._deliver(message, headers, body):
+                return
+        message.ack()
+
+    def _deliver(self, message, headers: dict, body: bytes) -> bool:
+        """POST once; False when the message was settled here (nacked for retry, or dropped)."""
         try:
             response = self._session().post(self._target_url, data=body, headers=headers, timeout=self._timeout_s)
         except requests.RequestException as exc:
             _LOGGER.warning("function unreachable for event %s: %s; will retry", message.message_id, exc)
             time.sleep(RETRY_PAUSE_S)
             message.nack()
-            return
+            return False
         if 200 <= response.status_code < 300:
-            message.ack()
-        elif response.status_code == 429 or response.status_code >= 500:
+            return True
+        if response.status_code == 429 or response.status_code >= 500:
             _LOGGER.warning("function answered %d for event %s; will retry", response.status_code, message.message_id)
             time.sleep(RETRY_PAUSE_S)
             message.nack()
@@ -94,6 +102,7 @@ class Forwarder:
             _LOGGER.error("function rejected event %s with %d: %s", message.message_id, response.status_code,
                           response.text[:300])
             message.ack()
+        return False
 
 
 @click.command()
@@ -101,7 +110,8 @@ class Forwarder:
 @click.option("--target", required=True, help="URL of the function")
 @click.option("--ready-file", type=click.Path(path_type=Path), help="written once the stream is open")
 @click.option("--max-in-flight", default=64, show_default=True, help="events delivered at once")
-def main(subscription: str, target: str, ready_file: Path | None, max_in_flight: int) -> None:
+@click.option("--copies", default=1, show_default=True, help="deliver each event this many times (fault tests)")
+def main(subscription: str, target: str, ready_file: Path | None, max_in_flight: int, copies: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from google.cloud import pubsub_v1
@@ -112,7 +122,7 @@ def main(subscription: str, target: str, ready_file: Path | None, max_in_flight:
     logs.configure()
     subscriber = pubsub_v1.SubscriberClient()
     stream = subscriber.subscribe(
-        subscription, callback=Forwarder(target),
+        subscription, callback=Forwarder(target, copies=copies),
         flow_control=pubsub_v1.types.FlowControl(max_messages=max_in_flight),
         scheduler=ThreadScheduler(ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="deliver")),
     )

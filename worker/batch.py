@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -57,7 +59,32 @@ class BatchReport:
     results: int = 0
     errors: int = 0
     retried: int = 0
+    duplicates: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+
+
+class RecentKeys:
+    """Event keys this process wrote lately: a redelivered job is acked without a second row.
+
+    BigQuery's insertId de-duplication is best effort (about a minute); this catches later
+    redeliveries that reach the same worker, and the *_dedup views catch the rest.
+    """
+
+    def __init__(self, capacity: int = 200_000):
+        self._capacity = capacity
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+            while len(self._keys) > self._capacity:
+                self._keys.popitem(last=False)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._keys
 
 
 @dataclass(frozen=True)
@@ -75,6 +102,11 @@ class _Item:
     preprocess_ms: float | None = None
     error: PermanentError | None = None
     transient: str | None = None
+    copies: list[Delivery] = field(default_factory=list)  # same event key in this batch
+
+    def settle(self, acked: bool) -> None:
+        for delivery in [self.delivery, *self.copies]:
+            (delivery.ack if acked else delivery.nack)()
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -101,6 +133,8 @@ class BatchRunner:
         sample_system: Callable[[], dict],
         io_pool: ThreadPoolExecutor,
         web_framework: str | None = None,
+        max_delivery_attempts: int = 0,
+        recent_keys: RecentKeys | None = None,
     ):
         self._engine = engine
         self._info = engine.describe()
@@ -116,6 +150,8 @@ class BatchRunner:
         self._sample_system = sample_system
         self._pool = io_pool
         self._web_framework = web_framework
+        self._max_delivery_attempts = max_delivery_attempts
+        self._recent = recent_keys if recent_keys is not None else RecentKeys()
         self._cold = True
 
     @property
@@ -124,53 +160,87 @@ class BatchRunner:
 
     def run(self, deliveries: list[Delivery]) -> BatchReport:
         batch_started = time.monotonic()
-        items = [_Item(delivery) for delivery in deliveries]
-        for item in items:
-            try:
-                item.job = parse_job(item.delivery.data)
-            except MalformedJob as exc:
-                item.error = PermanentError("malformed_job", str(exc))
-        list(self._pool.map(self._fetch_and_decode, [item for item in items if item.job]))
+        report = BatchReport()
+        items = self._unique_items(deliveries, report)
+        list(self._pool.map(self._fetch_and_decode, [item for item in items if item.job and not item.error]))
 
         ready = [item for item in items if item.pixels is not None]
-        batch_ms = 0.0
-        logits = np.empty(0, dtype=np.float32)
-        if ready:
-            batch = np.stack([item.pixels for item in ready])
-            started = time.perf_counter()
-            try:
-                logits = self._engine.infer(batch)
-            except Exception as exc:  # an engine fault is ours, not the image's: retry
-                _LOGGER.exception("inference failed for a batch of %d", len(ready))
-                for item in ready:
-                    item.transient = f"inference failed: {exc}"
-                ready = []
-            batch_ms = (time.perf_counter() - started) * 1000.0
+        logits, batch_ms = self._infer(ready)
+        if logits is None:
+            ready = []
 
         system = self._sample_system()
         processed_at = dt.datetime.now(dt.timezone.utc)
         finished = time.monotonic()
-        result_items, result_rows = [], []
-        scores = sigmoid(logits) if ready else []
-        for item, logit, score in zip(ready, logits, scores):
-            result_items.append(item)
-            result_rows.append(self._result_row(item, float(logit), float(score), len(ready), batch_ms,
-                                                batch_started, finished, processed_at, system))
-        error_items = [item for item in items if item.error]
-        error_rows = [self._error_row(item, processed_at) for item in error_items]
+        result_rows = [
+            self._result_row(item, float(logit), float(score), len(ready), batch_ms, batch_started, finished,
+                             processed_at, system)
+            for item, logit, score in zip(ready, logits if ready else [], sigmoid(logits) if ready else [])
+        ]
         if ready:
             self._cold = False
-
-        report = BatchReport()
-        self._settle(self._tables.results, result_items, result_rows, report, is_error=False)
-        self._settle(self._tables.errors, error_items, error_rows, report, is_error=True)
+        self._settle(self._tables.results, ready, result_rows, report, is_error=False)
+        self._give_up_on_last_attempt(items)
+        error_items = [item for item in items if item.error]
+        self._settle(self._tables.errors, error_items, [self._error_row(i, processed_at) for i in error_items],
+                     report, is_error=True)
         for item in items:
             if item.transient:
                 _LOGGER.warning("will retry %s: %s", item.job.event_key if item.job else item.delivery.message_id,
                                 item.transient)
-                item.delivery.nack()
+                item.settle(acked=False)
                 report.retried += 1
         return report
+
+    def _unique_items(self, deliveries: list[Delivery], report: BatchReport) -> list[_Item]:
+        """Parse jobs; fold copies of one event key into one item; ack keys already written."""
+        items: list[_Item] = []
+        by_key: dict[str, _Item] = {}
+        for delivery in deliveries:
+            item = _Item(delivery)
+            try:
+                item.job = parse_job(delivery.data)
+            except MalformedJob as exc:
+                item.error = PermanentError("malformed_job", str(exc))
+                items.append(item)
+                continue
+            key = item.job.event_key
+            if key in self._recent:
+                delivery.ack()
+                report.duplicates += 1
+            elif key in by_key:
+                by_key[key].copies.append(delivery)
+                report.duplicates += 1
+            else:
+                by_key[key] = item
+                items.append(item)
+        return items
+
+    def _infer(self, ready: list[_Item]) -> tuple[np.ndarray | None, float]:
+        if not ready:
+            return np.empty(0, dtype=np.float32), 0.0
+        batch = np.stack([item.pixels for item in ready])
+        started = time.perf_counter()
+        try:
+            logits = self._engine.infer(batch)
+        except Exception as exc:  # an engine fault is ours, not the image's: retry
+            _LOGGER.exception("inference failed for a batch of %d", len(ready))
+            for item in ready:
+                item.transient = f"inference failed: {exc}"
+            return None, 0.0
+        return logits, (time.perf_counter() - started) * 1000.0
+
+    def _give_up_on_last_attempt(self, items: list[_Item]) -> None:
+        """On the subscription's last delivery attempt a transient failure becomes an error row,
+        so the upload still ends with a row (the dead-letter topic keeps what cannot be written)."""
+        if not self._max_delivery_attempts:
+            return
+        for item in items:
+            attempt = item.delivery.delivery_attempt or 0
+            if item.transient and item.job and attempt >= self._max_delivery_attempts:
+                item.error = PermanentError("retries_exhausted",
+                                            f"gave up after {attempt} delivery attempts; last: {item.transient}")
+                item.transient = None
 
     def _settle(self, table: str, items: list[_Item], rows: list[dict], report: BatchReport, is_error: bool) -> None:
         """Ack only what the sink accepted; nack the rest so it comes back."""
@@ -180,8 +250,10 @@ class BatchRunner:
         for index, (item, row) in enumerate(zip(items, rows)):
             if index in outcome.failed:
                 item.transient = f"not written to {table}: {outcome.failed[index]}"
+                item.error = None
                 continue
-            item.delivery.ack()
+            self._recent.add(row["event_key"])
+            item.settle(acked=True)
             if is_error:
                 report.errors += 1
                 report.reasons[row["reason"]] = report.reasons.get(row["reason"], 0) + 1

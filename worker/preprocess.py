@@ -16,10 +16,16 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_SIZE = 128
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "TIFF", "WEBP", "BMP", "GIF"})
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+# Magic numbers of the accepted formats: a file that starts with one is a damaged image, not "not an image".
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM")
 DEFAULT_MAX_PIXELS = 40_000_000
 
 # Pillow has its own bomb check; ours runs first, with a reason code, so disable its warning path.
 Image.MAX_IMAGE_PIXELS = None
+# Only these parsers ever see uploaded bytes (Pillow would otherwise try every plugin it has).
+_PARSERS = tuple(sorted(ACCEPTED_FORMATS))
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last chunk of every complete PNG
+_TIFF_SAMPLES_PER_PIXEL = 277
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,14 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
             "(raise WORKER_MAX_IMAGE_BYTES to accept it)",
         )
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the decode below decides
+            image = Image.open(io.BytesIO(data), formats=_PARSERS)
     except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", "the bytes are not an image format Pillow can read")
+        if data.startswith(IMAGE_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise ImageRejected("corrupt_image", "the file starts like an image but cannot be read: "
+                                "truncated or damaged; upload it again")
+        raise ImageRejected("not_an_image", f"the bytes are not a {', '.join(_PARSERS)} image")
     except Exception as exc:  # Pillow raises a zoo of types on hostile headers
         raise ImageRejected("corrupt_image", f"cannot read the image header: {exc}")
     if image.format not in ACCEPTED_FORMATS:
@@ -72,12 +83,16 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
             f"format {image.format} is not accepted (accepted: {', '.join(sorted(ACCEPTED_FORMATS))})",
         )
     width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageRejected("corrupt_image", f"the header declares a {width}x{height} image")
+    # Before any pixel is decoded: the header alone decides, so a bomb costs a few header bytes.
     if width * height > limits.max_pixels:
         raise ImageRejected(
             "too_many_pixels",
             f"{width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels} "
             "(raise WORKER_MAX_IMAGE_PIXELS to accept it)",
         )
+    _check_layout(image, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -92,6 +107,22 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
         raise ImageRejected("corrupt_image", f"cannot decode the image: {exc}")
     pixels = np.asarray(resized, dtype=np.float32)
     return (pixels * (1.0 / 255.0)).reshape(IMAGE_SIZE, IMAGE_SIZE, 1)
+
+
+def _check_layout(image: Image.Image, data: bytes) -> None:
+    """Cases Pillow would decode without complaint into the wrong pixels."""
+    if image.format == "PNG" and _PNG_END not in data[-4096:]:
+        # Pillow stops after the last IDAT and does not miss the end: a PNG cut short right after
+        # its image data would pass as complete.
+        raise ImageRejected("corrupt_image", "the PNG has no IEND chunk: the file is truncated; upload it again")
+    if image.format == "TIFF":
+        samples = image.tag_v2.get(_TIFF_SAMPLES_PER_PIXEL, 1)
+        if isinstance(samples, tuple):
+            samples = samples[0]
+        if samples != len(image.getbands()):
+            # e.g. 16-bit gray+alpha: Pillow reads it as one 16-bit band of interleaved samples
+            raise ImageRejected("unsupported_mode", f"a TIFF with {samples} samples per pixel read as mode "
+                                                    f"{image.mode} is not supported (Pillow would misread it)")
 
 
 def _to_grayscale(image: Image.Image) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Mapping
@@ -14,8 +15,9 @@ class SettingsError(ValueError):
     """A setting is missing or wrong; the message names the variable and what to do."""
 
 
-ENGINES = ("openvino",)
-PRECISIONS = ("f32", "bf16", "f16", "default")
+ENGINES = ("openvino", "tensorflow", "tfserving")
+PRECISIONS = ("f32", "bf16", "f16", "int8", "default")
+TFSERVING_PROTOCOLS = ("rest", "grpc")
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,11 @@ class WorkerSettings:
     subscription: str
     results_table: str
     errors_table: str
-    model_dir: Path
+    # The model version: WORKER_MODEL_URI (local dir or gs://BUCKET/models/NAME[/VERSION], see
+    # worker/models.py) or WORKER_MODEL_DIR (a local version directory; the older name). One of them.
+    model_dir: Path | None = None
+    model_uri: str = ""
+    model_cache_dir: Path = Path(tempfile.gettempdir()) / "worker-model-cache"
     engine: str = "openvino"
     precision: str = "f32"
     batch_size: int = 32
@@ -37,13 +43,24 @@ class WorkerSettings:
     download_timeout_s: float = 30.0
     insert_timeout_s: float = 30.0
     shutdown_timeout_s: float = 20.0
+    # The subscription's dead-letter max_delivery_attempts: the last attempt writes an error row.
+    max_delivery_attempts: int = 5
     ready_file: Path | None = None
+    # engine=tfserving: REST http://host:8501 or gRPC host:8500; the model name defaults to the manifest's
+    tfserving_url: str = ""
+    tfserving_protocol: str = "rest"
+    tfserving_model_name: str = ""
+    tfserving_timeout_s: float = 10.0
 
     @property
     def subscription_path(self) -> str:
         if self.subscription.startswith("projects/"):
             return self.subscription
         return f"projects/{self.project}/subscriptions/{self.subscription}"
+
+    @property
+    def model_location(self) -> str:
+        return self.model_uri or (str(self.model_dir) if self.model_dir else "")
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -88,11 +105,32 @@ class WorkerSettings:
                 raise SettingsError(
                     f"WORKER_{table_setting.upper()}={getattr(self, table_setting)!r} must be project.dataset.table"
                 )
-        if not (self.model_dir / "manifest.json").is_file():
-            raise SettingsError(
-                f"WORKER_MODEL_DIR={self.model_dir} has no manifest.json: "
-                "point it at a model version directory (make model builds build/models/demo/1)"
-            )
+        from worker.engines import ENGINE_PRECISIONS
+
+        if self.precision not in ENGINE_PRECISIONS[self.engine]:
+            raise SettingsError(f"WORKER_PRECISION={self.precision!r} does not apply to WORKER_ENGINE={self.engine}; "
+                                f"use one of {', '.join(ENGINE_PRECISIONS[self.engine])}")
+        if self.engine == "tfserving" and not self.tfserving_url:
+            raise SettingsError("WORKER_ENGINE=tfserving needs WORKER_TFSERVING_URL "
+                                "(REST http://host:8501 or gRPC host:8500)")
+        if self.tfserving_protocol not in TFSERVING_PROTOCOLS:
+            raise SettingsError(f"WORKER_TFSERVING_PROTOCOL={self.tfserving_protocol!r} is not one of "
+                                f"{', '.join(TFSERVING_PROTOCOLS)}")
+        if self.model_uri and self.model_dir:
+            raise SettingsError("set WORKER_MODEL_URI or WORKER_MODEL_DIR, not both")
+        if not self.model_location:
+            raise SettingsError("missing settings: WORKER_MODEL_URI (or WORKER_MODEL_DIR): "
+                                "a model version directory or gs://BUCKET/models/NAME[/VERSION]")
+        if not self.model_location.startswith("gs://"):
+            local = Path(self.model_location)
+            has_versions = local.is_dir() and any((p / "manifest.json").is_file() for p in local.iterdir()
+                                                  if p.is_dir() and p.name.isdigit())
+            if not ((local / "manifest.json").is_file() or has_versions):
+                name = "WORKER_MODEL_URI" if self.model_uri else "WORKER_MODEL_DIR"
+                raise SettingsError(
+                    f"{name}={local} has no manifest.json (nor version sub-directories with one): "
+                    "point it at a model version directory (make model builds build/models/demo/1)"
+                )
 
 
 def _convert(name: str, raw: str, annotation: object) -> object:
