@@ -9,7 +9,9 @@ BQ_VENV := .venv-bq
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help install model demo up down status test test-fast lock clean
+BENCH_ARGS ?= --images 2000
+
+.PHONY: help install model demo up down status test test-fast bench bench-worker lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +53,12 @@ test: model  ## run every test (unit and on the real local stack)
 
 test-fast: model  ## skip the tests marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: model  ## pipeline under load on the local stack (BENCH_ARGS="--images 500 --precisions f32")
+	$(PY) -m localcloud.bench $(BENCH_ARGS)
+
+bench-worker: model  ## the worker alone, draining a pre-filled backlog
+	$(PY) -m localcloud.bench --worker-only $(BENCH_ARGS)
 
 lock:  ## re-pin the whole dependency tree from the current venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock
