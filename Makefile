@@ -6,12 +6,13 @@ PYTHON311 ?= $(shell command -v python3.11)
 PYTHON313 ?= $(shell p=$$(pyenv root 2>/dev/null)/versions/3.13.0/bin/python3; [ -x "$$p" ] && echo $$p || command -v python3.13)
 VENV := .venv
 BQ_VENV := .venv-bq
+CI_VENV := .venv-ci
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 BENCH_ARGS ?= --images 2000
 
-.PHONY: help install model demo up down status test test-fast bench bench-worker lock clean
+.PHONY: help install model demo up down status test test-fast bench bench-worker ci-tools lint-infra lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +34,21 @@ $(BQ_VENV)/.installed: localcloud/bigquery-requirements.txt
 
 install: $(VENV)/.installed $(BQ_VENV)/.installed  ## create both virtual environments (pinned)
 
+# checkov pins versions of networkx/packaging/termcolor that TensorFlow and scikit-image cannot
+# share, so the CI linters live in a venv of their own.
+$(CI_VENV)/.installed: requirements-ci.txt
+	@test -n "$(PYTHON311)" || { echo "error: python3.11 not found"; exit 1; }
+	test -x $(CI_VENV)/bin/python || $(PYTHON311) -m venv $(CI_VENV)
+	$(CI_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CI_VENV)/bin/python -m pip install --quiet -r requirements-ci.txt
+	touch $@
+
+ci-tools: $(CI_VENV)/.installed  ## CI linters (checkov, hadolint, check-jsonschema) in .venv-ci
+
+lint-infra: install ci-tools  ## terraform fmt, checkov, hadolint, compose and Cloud Build schemas
+	terraform fmt -check -recursive infra
+	REQUIRE_CI_TOOLS=1 $(PY) -m pytest tests/test_infra.py tests/test_docker.py tests/test_cloudbuild.py -m "not stack" $(PYTEST_ARGS)
+
 model: install  ## build the demo dataset and model once (reused while it verifies)
 	$(PY) -m modelkit build-demo --dataset-dir build/demo-dataset --models-root build/models
 
@@ -48,11 +64,11 @@ down:  ## stop the local stack
 status:  ## which processes of the local stack run
 	$(PY) -m localcloud status
 
-test: model  ## run every test (unit and on the real local stack)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: model ci-tools  ## run every test (unit, infra lint, and on the real local stack)
+	REQUIRE_CI_TOOLS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: model  ## skip the tests marked slow
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: model ci-tools  ## skip the tests marked slow
+	REQUIRE_CI_TOOLS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: model  ## pipeline under load on the local stack (BENCH_ARGS="--images 500 --precisions f32")
 	$(PY) -m localcloud.bench $(BENCH_ARGS)
@@ -64,4 +80,4 @@ lock:  ## re-pin the whole dependency tree from the current venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock
 
 clean: down  ## remove run data, build outputs and venvs
-	rm -rf .run build $(VENV) $(BQ_VENV)
+	rm -rf .run build $(VENV) $(BQ_VENV) $(CI_VENV)

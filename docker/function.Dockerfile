@@ -1,0 +1,31 @@
+# The Cloud Function (functions/main.py) under functions-framework, for the compose stack only:
+# in Google Cloud the function is deployed from source (infra/function.tf). Same requirements
+# file as that deployment.
+#   docker build -f docker/function.Dockerfile -t function .
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS deps
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /build
+COPY requirements.lock functions/requirements.txt ./
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt -c requirements.lock
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
+LABEL org.opencontainers.image.title="inference-function" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 function \
+    && useradd --system --uid 10001 --gid function --no-create-home --shell /usr/sbin/nologin function
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /app
+COPY functions/main.py /app/main.py
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+EXPOSE 8080
+# Any HTTP answer means the server is up (a GET is not a CloudEvent, so it gets a 4xx).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 8080), timeout=2).close()"]
+ENTRYPOINT ["functions-framework", "--target", "on_object_finalized", "--source", "main.py", "--signature-type", "cloudevent", "--host", "0.0.0.0", "--port", "8080"]

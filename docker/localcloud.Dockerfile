@@ -1,0 +1,36 @@
+# Helper image of the compose stack: the Eventarc stand-in (GCS notification on Pub/Sub -> CloudEvent
+# POSTed to the function, python -m localcloud.eventarc) and the one-shot init that creates topics,
+# subscriptions, the bucket, dataset, tables and views (docker/compose_init.py).
+#   docker build -f docker/localcloud.Dockerfile -t localcloud .
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS deps
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /build
+COPY requirements.lock docker/requirements-localcloud.txt ./
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir -r requirements-localcloud.txt -c requirements.lock
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
+LABEL org.opencontainers.image.title="inference-localcloud" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 localcloud \
+    && useradd --system --uid 10001 --gid localcloud --no-create-home --shell /usr/sbin/nologin localcloud
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /app
+# localcloud finds sql/ next to its package (REPO_ROOT / "sql").
+COPY localcloud/ /app/localcloud/
+COPY worker/ /app/worker/
+COPY sql/ /app/sql/
+COPY docker/compose_init.py /app/compose_init.py
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONPATH=/app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+# The Eventarc stand-in writes this file once its stream is open.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["test", "-f", "/tmp/eventarc.ready"]
+ENTRYPOINT ["python"]
+CMD ["-m", "localcloud.eventarc", "--help"]

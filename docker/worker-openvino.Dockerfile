@@ -1,0 +1,41 @@
+# The worker with OpenVINO only (no TensorFlow): `python -m worker run` pulls jobs until SIGTERM.
+#
+# Build from the repository root after `make model` (the demo model is baked in):
+#   docker build -f docker/worker-openvino.Dockerfile -t worker-openvino .
+# Run: every setting is a WORKER_* variable (worker/settings.py); WORKER_MODEL_DIR points at the
+# baked model. Base image pinned by tag and by the digest of its multi-architecture index.
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS deps
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /build
+COPY requirements.lock docker/requirements-worker.txt ./
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir -r requirements-worker.txt -c requirements.lock
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
+LABEL org.opencontainers.image.title="inference-worker-openvino" \
+      org.opencontainers.image.description="Pub/Sub -> OpenVINO -> BigQuery image-inference worker" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 worker \
+    && useradd --system --uid 10001 --gid worker --create-home --home-dir /home/worker --shell /usr/sbin/nologin worker
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /app
+# Code and model stay root-owned: the worker can read them, not change them.
+COPY worker/ /app/worker/
+COPY modelkit/ /app/modelkit/
+COPY build/models/demo/1/ /models/demo/1/
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONPATH=/app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    WORKER_ENGINE=openvino \
+    WORKER_MODEL_DIR=/models/demo/1
+USER 10001:10001
+# GET /healthz on 8080 is the worker's HTTP face (health for the instance group and compose).
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+ENTRYPOINT ["python", "-m", "worker"]
+CMD ["run"]

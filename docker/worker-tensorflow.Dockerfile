@@ -1,0 +1,40 @@
+# The worker with TensorFlow as well as OpenVINO: WORKER_ENGINE=tensorflow runs the SavedModel in
+# process; WORKER_ENGINE=tfserving talks to a TensorFlow Serving sidecar (docker-compose.yml,
+# profile "tensorflow"). The baked model directory is also a TF Serving version directory.
+#
+# Build from the repository root after `make model`:
+#   docker build -f docker/worker-tensorflow.Dockerfile -t worker-tensorflow .
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS deps
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /build
+COPY requirements.lock docker/requirements-worker.txt docker/requirements-worker-tensorflow.txt ./
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir -r requirements-worker-tensorflow.txt -c requirements.lock
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
+LABEL org.opencontainers.image.title="inference-worker-tensorflow" \
+      org.opencontainers.image.description="Pub/Sub -> TensorFlow / TF Serving / OpenVINO -> BigQuery image-inference worker" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 worker \
+    && useradd --system --uid 10001 --gid worker --create-home --home-dir /home/worker --shell /usr/sbin/nologin worker
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /app
+COPY worker/ /app/worker/
+COPY modelkit/ /app/modelkit/
+COPY build/models/demo/1/ /models/demo/1/
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONPATH=/app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    WORKER_ENGINE=tensorflow \
+    WORKER_MODEL_DIR=/models/demo/1
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+ENTRYPOINT ["python", "-m", "worker"]
+CMD ["run"]
