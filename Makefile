@@ -22,6 +22,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON311) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
+	# TF Serving's client protos declare a dependency on full tensorflow; we run tensorflow-cpu.
+	$(PY) -m pip install --quiet --no-deps tensorflow-serving-api==2.21.0
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -11,7 +11,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /build
 COPY requirements.lock docker/requirements-worker.txt docker/requirements-train.txt ./
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -r requirements-train.txt -c requirements.lock
+    && /opt/venv/bin/pip install --no-cache-dir -r requirements-train.txt -c requirements.lock \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps tensorflow-serving-api==2.21.0
 
 FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
 LABEL org.opencontainers.image.title="inference-train" \

@@ -1,4 +1,4 @@
-"""`python -m modelkit ...`: demo-dataset, train, build-demo, verify.
+"""`python -m modelkit ...`: demo-dataset, train, build-demo, verify, parity, publish, tfserving-standin.
 
 Results go to stdout, progress and warnings to stderr. A ModelkitError (bad dataset, bad model
 directory) ends the command with one line on stderr and exit code 2, never a traceback.
@@ -7,8 +7,11 @@ TensorFlow is imported only by the commands that train, so the others start in w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,7 @@ def train(
 def build_demo(dataset_dir: Path, models_root: Path, name: str, version: int) -> None:
     """Reuse MODELS_ROOT/NAME/VERSION if it verifies; else build the demo dataset (if missing),
     train and export it."""
+    from modelkit.layout import FORMS, REQUIRED_FILES
     from modelkit.manifest import verify_manifest
 
     version_dir = models_root / name / str(version)
@@ -101,9 +105,14 @@ def build_demo(dataset_dir: Path, models_root: Path, name: str, version: int) ->
             _LOGGER.warning("rebuilding %s: %s", version_dir, exc)
             overwrite = True
         else:
-            click.echo(f"reused    {version_dir} (verified, created {manifest.get('created_at', '?')})")
-            _echo_forms(version_dir, manifest)
-            return
+            missing = [form for form in FORMS if form not in manifest["forms"]]
+            missing += [path for path in REQUIRED_FILES if path not in manifest["files"]]
+            if not missing:
+                click.echo(f"reused    {version_dir} (verified, created {manifest.get('created_at', '?')})")
+                _echo_forms(version_dir, manifest)
+                return
+            _LOGGER.warning("rebuilding %s: built by an older modelkit, it lacks %s", version_dir, ", ".join(missing))
+            overwrite = True
     if not dataset_dir.exists():
         from modelkit.dataset import make_demo_dataset
 
@@ -124,6 +133,150 @@ def verify(version_dir: Path) -> None:
         f"ok        {manifest['name']}/{manifest['version']}: "
         f"{len(manifest['files'])} files match {version_dir}/manifest.json"
     )
+
+
+DEFAULT_PARITY_CASES = (
+    "openvino:f32", "openvino:bf16", "openvino:f16", "openvino:int8", "openvino:default",
+    "tensorflow:f32", "tfserving-rest:f32", "tfserving-grpc:f32",
+)
+
+
+@cli.command()
+@click.option("--model-dir", type=click.Path(path_type=Path), required=True, help="A model version directory.")
+@click.option("--dataset-dir", type=click.Path(path_type=Path), default=None,
+              help="The folder the model was trained on. Default: the path in its manifest.")
+@click.option("--engines", "engine_specs", default=",".join(DEFAULT_PARITY_CASES), show_default=True,
+              help="Comma-separated ENGINE:PRECISION cases; engines: openvino, tensorflow, tfserving-rest, "
+                   "tfserving-grpc.")
+@click.option("--tfserving-url", default=None,
+              help="REST URL of a running TF Serving (http://host:8501). Default: the stand-in, in process.")
+@click.option("--tfserving-grpc", default=None, help="gRPC address of a running TF Serving (host:8500).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N held-out images.")
+def parity(model_dir: Path, dataset_dir: Path | None, engine_specs: str, tfserving_url: str | None,
+           tfserving_grpc: str | None, batch_size: int, limit: int | None) -> None:
+    """Compare every engine x precision with the TensorFlow reference on the held-out images:
+    max |d logit|, label flips, latency. Exits 1 when any case is outside its tolerance."""
+    from modelkit.manifest import verify_manifest
+
+    specs = [spec.strip() for spec in engine_specs.split(",") if spec.strip()]
+    for spec in specs:
+        engine, _, precision = spec.partition(":")
+        if engine not in ("openvino", "tensorflow", "tfserving-rest", "tfserving-grpc") or not precision:
+            raise ModelkitError(f"--engines: {spec!r} is not ENGINE:PRECISION with a known engine")
+    manifest = verify_manifest(model_dir)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+
+    from modelkit import parity as checks
+    from worker.preprocess import decode_image
+
+    held_out = checks.held_out_images(manifest, dataset_dir)
+    data, labels = held_out.data[:limit], held_out.labels[:limit]
+    reference = checks.reference_logits(model_dir, np.stack([decode_image(item) for item in data]), batch_size)
+    standin = None
+    needs_standin = any(spec.startswith("tfserving") for spec in specs) and not (tfserving_url and tfserving_grpc)
+    if needs_standin:
+        from modelkit.tfserving_standin import StandIn
+
+        standin = StandIn(manifest["name"], model_dir.parent, version=int(manifest["version"])).start()
+        _LOGGER.info("TF Serving stand-in in process: REST %s, gRPC %s", standin.rest_url, standin.grpc_target)
+    try:
+        cases = [_parity_case(spec, model_dir, manifest, tfserving_url or (standin and standin.rest_url),
+                              tfserving_grpc or (standin and standin.grpc_target)) for spec in specs]
+        threshold = checks.threshold_logit(float(manifest["threshold"]))
+        rows = [checks.run_case(case, data, labels, reference, threshold, batch_size) for case in cases]
+    finally:
+        if standin:
+            standin.stop()
+    click.echo(f"parity    {manifest['name']}/{manifest['version']} vs TensorFlow SavedModel reference, "
+               f"{len(data)} held-out images from {held_out.paths[0].parent.parent if held_out.paths else '?'}")
+    click.echo(checks.format_table(rows, batch_size))
+    failed = [row for row in rows if not row.passed]
+    if failed:
+        click.echo(f"FAILED    {len(failed)} of {len(rows)} cases outside tolerance: "
+                   + ", ".join(f"{row.engine}:{row.precision}" for row in failed), err=True)
+        raise click.exceptions.Exit(1)
+    click.echo(f"ok        all {len(rows)} cases within tolerance")
+
+
+def _parity_case(spec: str, model_dir: Path, manifest: dict[str, Any], rest_url: str | None,
+                 grpc_target: str | None):
+    from modelkit.parity import Case
+    from worker.engines import TFServingOptions, create_engine
+
+    engine, _, precision = spec.partition(":")
+    if engine.startswith("tfserving"):
+        protocol = engine.split("-", 1)[1]
+        options = TFServingOptions(url=(rest_url if protocol == "rest" else grpc_target) or "", protocol=protocol)
+        return Case("tfserving", precision, lambda: create_engine("tfserving", precision, model_dir, manifest,
+                                                                   tfserving=options), label=protocol)
+    return Case(engine, precision, lambda: create_engine(engine, precision, model_dir, manifest))
+
+
+@cli.command()
+@click.argument("version_dir", type=click.Path(path_type=Path))
+@click.argument("destination")
+@click.option("--project", envvar="GOOGLE_CLOUD_PROJECT", default=None,
+              help="Project for the storage client [env GOOGLE_CLOUD_PROJECT].")
+@click.option("--overwrite", is_flag=True, help="Replace a published version whose manifest differs.")
+def publish(version_dir: Path, destination: str, project: str | None, overwrite: bool) -> None:
+    """Upload VERSION_DIR to DESTINATION (gs://BUCKET[/path], path default "models") as
+    <path>/<name>/<version>/, manifest last. Honours STORAGE_EMULATOR_HOST."""
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from modelkit.manifest import verify_manifest
+    from modelkit.publish import parse_destination, publish_version
+    from worker.clients import storage_client
+
+    parse_destination(destination)
+    verify_manifest(version_dir)
+    try:
+        client = storage_client(project)
+    except DefaultCredentialsError:
+        raise ModelkitError("no Google credentials: run `gcloud auth application-default login`, "
+                            "or set STORAGE_EMULATOR_HOST to publish to the local emulator") from None
+    published = publish_version(version_dir, destination, client, overwrite=overwrite)
+    verb = "published" if published.uploaded else "unchanged"
+    click.echo(f"{verb:<9} {published.uri} ({published.files} files + manifest.json)")
+
+
+@cli.command("tfserving-standin")
+@click.option("--model-name", required=True)
+@click.option("--model-base-path", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Folder of numeric version directories, as for tensorflow_model_server.")
+@click.option("--model-version", type=click.IntRange(min=1), default=None, help="Serve this version, not the latest.")
+@click.option("--port", "grpc_port", type=click.IntRange(min=0), default=8500, show_default=True,
+              help="gRPC port (0: any free port).")
+@click.option("--rest-api-port", "rest_port", type=click.IntRange(min=0), default=8501, show_default=True,
+              help="REST port (0: any free port).")
+@click.option("--ready-file", type=click.Path(path_type=Path), default=None,
+              help="Written once both ports listen: JSON with grpc_port and rest_port.")
+def tfserving_standin(model_name: str, model_base_path: Path, model_version: int | None, grpc_port: int,
+                      rest_port: int, ready_file: Path | None) -> None:
+    """Serve a SavedModel on 127.0.0.1 with TF Serving's REST and gRPC predict API (a stand-in for
+    tests: no TF Serving binary here; production runs the tensorflow/serving image)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from modelkit.tfserving_standin import StandIn
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server = StandIn(model_name, model_base_path, grpc_port=grpc_port, rest_port=rest_port, version=model_version)
+    try:
+        server.start()
+    except (FileNotFoundError, OSError) as exc:
+        raise ModelkitError(f"tfserving-standin: {exc}") from None
+    click.echo(f"serving   {model_name} version {server.model.version}: REST {server.rest_url}, "
+               f"gRPC {server.grpc_target} ({server.model.warmup_requests} warm-up requests replayed)")
+    if ready_file:
+        partial = ready_file.with_name(ready_file.name + ".partial")
+        partial.write_text(json.dumps({"grpc_port": server.grpc_port, "rest_port": server.rest_port,
+                                       "version": server.model.version}))
+        os.replace(partial, ready_file)
+    stop.wait()
+    server.stop()
+    click.echo("stopped")
 
 
 def _train(

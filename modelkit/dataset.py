@@ -6,6 +6,7 @@ training pixels and serving pixels cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -24,6 +25,7 @@ __all__ = [
     "DEMO_NOTE",
     "DatasetError",
     "LabelledImages",
+    "held_out_fingerprint",
     "load_labelled_folder",
     "make_demo_dataset",
     "stratified_split",
@@ -205,3 +207,10 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
         test.append(members[:n_test])
         train.append(members[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def held_out_fingerprint(root: Path, paths: list[Path]) -> str:
+    """sha256 over the sorted held-out file paths (relative to root, POSIX): lets a later run
+    (the parity check) prove it recomputed the same held-out split from the dataset folder."""
+    names = sorted(Path(path).relative_to(root).as_posix() for path in paths)
+    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()

@@ -1,17 +1,14 @@
 """Write a trained Keras model as the forms engines load, and run each form for evaluation.
 
-Layout of one version directory (TF Serving's `<name>/<version>/`, so the directory itself is the
-SavedModel):
-
-    saved_model.pb, variables/, assets/, fingerprint.pb   signature serving_default
-    openvino/fp32/model.xml|.bin                          IR, FP32 weights
-    openvino/fp16/model.xml|.bin                          IR, FP16-compressed weights
-    manifest.json                                         written last (see modelkit.manifest)
+The layout of one version directory is described in `modelkit.layout`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -21,16 +18,14 @@ import openvino as ov
 import tensorflow as tf
 
 from modelkit.errors import ExportError
+from modelkit.layout import FORMS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, SIGNATURE, WARMUP_RECORDS
+from worker.engines.openvino_engine import effective_precision
 
-INPUT_NAME = "image"
-INPUT_SHAPE = (None, 128, 128, 1)
-OUTPUT_NAMES = ("logits", "probabilities")
-SIGNATURE = "serving_default"
-FORMS = {
-    "saved_model": ".",
-    "openvino_fp32": "openvino/fp32/model.xml",
-    "openvino_fp16": "openvino/fp16/model.xml",
-}
+__all__ = ["FORMS", "INPUT_NAME", "INPUT_SHAPE", "OUTPUT_NAMES", "SIGNATURE", "WARMUP_RECORDS"]
+
+CALIBRATION_SIZE = 300  # NNCF's default subset size; ml-stack.md measured 2 s for 300 images
+WARMUP_BATCH_SIZES = (1, 8, 32)  # the batch sizes the worker sends most; TF Serving replays each once
+TF_SERVING_API_PIN = "tensorflow-serving-api==2.21.0"
 EVAL_BATCH = 32  # bounds memory: the first conv layer holds 126x126x64 floats per image
 
 
@@ -60,6 +55,62 @@ def export_openvino(version_dir: Path) -> None:
     ov.save_model(converted, str(version_dir / FORMS["openvino_fp16"]), compress_to_fp16=True)
     for form in ("openvino_fp32", "openvino_fp16"):
         _check_ir_names(version_dir / FORMS[form])
+
+
+def quantize_int8(version_dir: Path, calibration_images: np.ndarray) -> dict:
+    """NNCF post-training quantization of the FP32 IR (min/max statistics on calibration_images,
+    one image per NNCF sample, fast bias correction). Writes openvino/int8 and returns facts for
+    the manifest. Calibration images must come from the training split, never the held-out one."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise ExportError(f"nncf is not installed ({exc}): pip install nncf==3.4.0 (see pyproject.toml)") from None
+
+    if len(calibration_images) == 0:
+        raise ExportError("INT8 quantization needs at least one calibration image")
+    model = ov.Core().read_model(str(version_dir / FORMS["openvino_fp32"]))
+    samples = [calibration_images[index : index + 1] for index in range(len(calibration_images))]
+    nncf.set_log_level(logging.WARNING)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stderr is for progress here
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(samples),
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+            subset_size=len(samples),
+        )
+    target = version_dir / FORMS["openvino_int8"]
+    ov.save_model(quantized, str(target), compress_to_fp16=False)
+    _check_ir_names(target)
+    return {
+        "tool": f"nncf {nncf.__version__}",
+        "method": "post-training quantization (nncf.quantize), preset performance, fast bias correction",
+        "calibration_images": len(samples),
+    }
+
+
+def write_warmup_requests(version_dir: Path, model_name: str, images: np.ndarray) -> None:
+    """TF Serving's SavedModel warm-up: a TFRecord of PredictionLog under assets.extra/, one
+    PredictRequest per batch size in WARMUP_BATCH_SIZES (real images, so no saturated paths)."""
+    try:
+        from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    except ImportError:
+        raise ExportError(
+            f"the TF Serving protos are missing: pip install --no-deps {TF_SERVING_API_PIN} "
+            "(--no-deps: its wheel depends on the full tensorflow package, not tensorflow-cpu)"
+        ) from None
+    if len(images) == 0:
+        raise ExportError("TF Serving warm-up records need at least one image")
+    target = version_dir / WARMUP_RECORDS
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(target)) as writer:
+        for batch_size in WARMUP_BATCH_SIZES:
+            batch = np.resize(images, (batch_size, *images.shape[1:])).astype(np.float32)  # repeats if few
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=SIGNATURE)
+            )
+            request.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(batch))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
 
 
 def _check_ir_names(xml_path: Path) -> None:
@@ -92,7 +143,7 @@ def openvino_outputs(
     The hint matters: on CPUs with bf16 support OpenVINO silently computes an FP32 IR in bf16.
     """
     compiled = ov.Core().compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": precision_hint})
-    effective = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"...
+    effective = effective_precision(compiled)  # read back: "f32", "bf16", "int8"...
     request = compiled.create_infer_request()
     collected: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
     for start in range(0, len(images), EVAL_BATCH):

@@ -24,7 +24,7 @@ import PIL
 import tensorflow as tf
 
 from modelkit import export
-from modelkit.dataset import LabelledImages, stratified_split
+from modelkit.dataset import LabelledImages, held_out_fingerprint, stratified_split
 from modelkit.errors import ExportError
 from modelkit.manifest import verify_manifest, write_manifest
 from modelkit.metrics import CONFUSION_MATRIX_LAYOUT, binary_metrics
@@ -118,8 +118,22 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
     try:
         export.export_saved_model(model, staging)
         export.export_openvino(staging)
+        calibration_idx = calibration_subset(train_idx, settings.seed)
+        quantization = export.quantize_int8(staging, data.images[calibration_idx])
+        quantization["calibration"] = (
+            f"{len(calibration_idx)} images drawn from the training split (seed {settings.seed}), "
+            "never from the held-out split"
+        )
+        export.write_warmup_requests(staging, settings.name, data.images[calibration_idx])
         metrics = _evaluate_forms(staging, data.images[test_idx], data.labels[test_idx])
         manifest = _manifest(data, settings, train_idx, test_idx, metrics, model.count_params(), train_s)
+        manifest["quantization"] = {"openvino_int8": quantization}
+        manifest["warmup"] = {
+            "file": export.WARMUP_RECORDS,
+            "format": "TFRecord of tensorflow.serving.PredictionLog (predict_log.request), replayed by TF Serving",
+            "batch_sizes": list(export.WARMUP_BATCH_SIZES),
+            "images": "from the training split",
+        }
         write_manifest(staging, manifest)
         verify_manifest(staging)  # self-check before anything can see it
         export.publish(staging, target, settings.overwrite)
@@ -129,11 +143,18 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
     return target, verify_manifest(target)
 
 
+def calibration_subset(train_idx: np.ndarray, seed: int, size: int = export.CALIBRATION_SIZE) -> np.ndarray:
+    """Up to `size` training-split indices, drawn with the seed (sorted, for stable files)."""
+    rng = np.random.default_rng([seed, 8])
+    return np.sort(rng.permutation(train_idx)[:size])
+
+
 def _evaluate_forms(version_dir: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, Any]]:
     """Held-out metrics per form, each with its effective precision and logit gap to SavedModel."""
     reference = export.saved_model_outputs(version_dir, images)
     results = {"saved_model": _form_metrics(reference, labels, "tensorflow CPU", "f32", reference)}
-    for form in ("openvino_fp32", "openvino_fp16"):
+    for form in ("openvino_fp32", "openvino_fp16", "openvino_int8"):
+        # f32 hint: the metrics then show what the weights' format costs, not the CPU's bf16 default
         outputs, precision = export.openvino_outputs(version_dir / export.FORMS[form], images, "f32")
         results[form] = _form_metrics(outputs, labels, "openvino CPU", precision, reference)
     for form, values in results.items():
@@ -220,6 +241,8 @@ def _manifest(
                 name: {"train": train_counts[name], "test": test_counts[name]} for name in data.class_names
             },
             "skipped_files": len(data.skipped),
+            "test_fraction": TEST_FRACTION,
+            "held_out_sha256": held_out_fingerprint(data.root, [data.paths[i] for i in test_idx]),
             "seed": settings.seed,
             "note": data.note,
         },

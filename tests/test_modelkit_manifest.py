@@ -11,20 +11,31 @@ from pathlib import Path
 import pytest
 
 from modelkit.errors import ManifestError
+from modelkit.layout import WARMUP_RECORDS
 from modelkit.manifest import MANIFEST_NAME, form_path, load_manifest, verify_manifest, write_manifest
 from modelkit.metrics import binary_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _fake_version(version_dir: Path) -> dict:
-    """A version directory with the manifest contract but tiny stand-in files."""
+def _fake_version(version_dir: Path, complete: bool = False) -> dict:
+    """A version directory with the manifest contract but tiny stand-in files; complete adds every
+    form and file this modelkit builds (FP16/INT8 IRs, TF Serving warm-up records)."""
     (version_dir / "variables").mkdir(parents=True)
     (version_dir / "openvino" / "fp32").mkdir(parents=True)
     (version_dir / "saved_model.pb").write_bytes(b"graph")
     (version_dir / "variables" / "variables.index").write_bytes(b"index")
     (version_dir / "openvino" / "fp32" / "model.xml").write_text("<net/>")
     (version_dir / "openvino" / "fp32" / "model.bin").write_bytes(b"\0" * 16)
+    forms = {"saved_model": ".", "openvino_fp32": "openvino/fp32/model.xml"}
+    if complete:
+        for precision in ("fp16", "int8"):
+            (version_dir / "openvino" / precision).mkdir(parents=True)
+            (version_dir / "openvino" / precision / "model.xml").write_text("<net/>")
+            (version_dir / "openvino" / precision / "model.bin").write_bytes(b"\0" * 8)
+            forms[f"openvino_{precision}"] = f"openvino/{precision}/model.xml"
+        (version_dir / WARMUP_RECORDS).parent.mkdir(parents=True)
+        (version_dir / WARMUP_RECORDS).write_bytes(b"records")
     manifest = {
         "name": "demo",
         "version": 1,
@@ -34,7 +45,7 @@ def _fake_version(version_dir: Path) -> dict:
         "preprocessing": {"function": "worker.preprocess.decode_image"},
         "class_names": ["grass", "moon"],
         "threshold": 0.5,
-        "forms": {"saved_model": ".", "openvino_fp32": "openvino/fp32/model.xml"},
+        "forms": forms,
     }
     write_manifest(version_dir, manifest)
     return manifest
@@ -90,7 +101,7 @@ def test_form_path_lists_available_forms(tmp_path: Path) -> None:
 
 
 def test_build_demo_reuses_a_verified_version_fast_without_tensorflow(tmp_path: Path) -> None:
-    _fake_version(tmp_path / "models" / "demo" / "1")
+    _fake_version(tmp_path / "models" / "demo" / "1", complete=True)
     code = (
         "import sys\n"
         "from modelkit.cli import cli\n"
@@ -123,3 +134,20 @@ def test_binary_metrics_undefined_ratios_are_zero_not_nan() -> None:
     metrics = binary_metrics([0, 0], [0, 0])
 
     assert (metrics["precision"], metrics["recall"], metrics["f1"], metrics["accuracy"]) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_build_demo_rebuilds_a_version_that_lacks_new_forms(tmp_path: Path) -> None:
+    """A version from before INT8 and warm-up records verifies, but is not reused: build-demo goes
+    on to build (here it stops at once: the dataset folder cannot be created)."""
+    _fake_version(tmp_path / "models" / "demo" / "1")
+    (tmp_path / "blocker").write_text("a file where the dataset folder's parent should be")
+    code = (
+        "from modelkit.cli import cli\n"
+        f"cli.main(['build-demo', '--dataset-dir', {str(tmp_path / 'blocker' / 'data')!r}, "
+        f"'--models-root', {str(tmp_path / 'models')!r}])\n"
+    )
+
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    assert "reused" not in result.stdout
+    assert "built by an older modelkit, it lacks openvino_fp16, openvino_int8, " + WARMUP_RECORDS in result.stderr

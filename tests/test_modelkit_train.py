@@ -40,7 +40,9 @@ def test_version_directory_layout(built: dict) -> None:
     assert version_dir == built["root"] / "models" / "tiny" / "3"
     for relative in ("saved_model.pb", "variables/variables.index", "manifest.json",
                      "openvino/fp32/model.xml", "openvino/fp32/model.bin",
-                     "openvino/fp16/model.xml", "openvino/fp16/model.bin"):
+                     "openvino/fp16/model.xml", "openvino/fp16/model.bin",
+                     "openvino/int8/model.xml", "openvino/int8/model.bin",
+                     "assets.extra/tf_serving_warmup_requests"):
         assert (version_dir / relative).is_file(), relative
     # Staging and retired directories are gone.
     assert [p.name for p in version_dir.parent.iterdir()] == ["3"]
@@ -63,7 +65,7 @@ def test_signature_takes_image_and_returns_logits_and_probabilities(built: dict)
 def test_ir_tensor_names_and_dynamic_batch(built: dict) -> None:
     import openvino as ov
 
-    for form in ("openvino_fp32", "openvino_fp16"):
+    for form in ("openvino_fp32", "openvino_fp16", "openvino_int8"):
         model = ov.Core().read_model(str(built["dir"] / built["manifest"]["forms"][form]))
         assert [port.get_any_name() for port in model.inputs] == ["image"]
         assert model.inputs[0].get_partial_shape()[0].is_dynamic
@@ -83,10 +85,14 @@ def test_manifest_content_and_hashes(built: dict) -> None:
 
     assert on_disk["preprocessing"] == json.loads(json.dumps(PREPROCESSING_SPEC))
     assert set(on_disk["frameworks"]) >= {"tensorflow", "keras", "openvino"}
-    for form in ("saved_model", "openvino_fp32", "openvino_fp16"):
+    for form in ("saved_model", "openvino_fp32", "openvino_fp16", "openvino_int8"):
         metrics = on_disk["metrics"][form]
         assert set(metrics) >= {"accuracy", "precision", "recall", "f1", "confusion_matrix", "n"}
         assert metrics["n"] == on_disk["dataset"]["n_test"] == 10
+    assert on_disk["metrics"]["openvino_int8"]["inference_precision"] == "int8"  # read back from the runtime graph
+    assert on_disk["quantization"]["openvino_int8"]["calibration_images"] == 22  # the whole (tiny) training split
+    assert "training split" in on_disk["quantization"]["openvino_int8"]["calibration"]
+    assert len(on_disk["dataset"]["held_out_sha256"]) == 64
     assert on_disk["dataset"]["n_train"] == 22
     assert on_disk["dataset"]["per_class"] == {"grass": {"train": 11, "test": 5}, "moon": {"train": 11, "test": 5}}
 
@@ -130,3 +136,31 @@ def test_build_demo_reuses_the_real_version_without_tensorflow(built: dict) -> N
     assert result.stdout.startswith("reused")
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "tensorflow" not in imported and "openvino" not in imported
+
+
+def test_int8_ir_really_runs_int8_kernels(built: dict) -> None:
+    import openvino as ov
+
+    from worker.engines.openvino_engine import effective_precision
+
+    compiled = ov.Core().compile_model(str(built["dir"] / "openvino/int8/model.xml"), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    assert effective_precision(compiled) == "int8"
+    assert (built["dir"] / "openvino/int8/model.bin").stat().st_size < (
+        built["dir"] / "openvino/fp32/model.bin").stat().st_size / 3
+
+
+def test_warmup_records_are_prediction_logs_tf_serving_can_replay(built: dict) -> None:
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    records = [prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+               for raw in tf.data.TFRecordDataset(str(built["dir"] / "assets.extra/tf_serving_warmup_requests"))]
+
+    assert [log.WhichOneof("log_type") for log in records] == ["predict_log"] * 3
+    requests = [log.predict_log.request for log in records]
+    assert {r.model_spec.name for r in requests} == {"tiny"}
+    assert {r.model_spec.signature_name for r in requests} == {"serving_default"}
+    batches = [tf.make_ndarray(r.inputs["image"]) for r in requests]
+    assert [b.shape for b in batches] == [(1, 128, 128, 1), (8, 128, 128, 1), (32, 128, 128, 1)]
+    assert all(b.dtype == np.float32 and 0.0 <= b.min() and b.max() <= 1.0 and b.std() > 0 for b in batches)

@@ -1,22 +1,67 @@
-"""Engine registry: settings + model manifest -> an Engine (not yet loaded)."""
+"""Engine registry: settings + model version -> an Engine (not yet loaded).
+
+Each engine module imports its library (openvino, tensorflow, grpc) only when chosen, so an
+OpenVINO worker never pays TensorFlow's import.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from worker.engines.base import Engine, EngineInfo
 
-__all__ = ["Engine", "EngineInfo", "create_engine"]
+__all__ = ["ENGINE_PRECISIONS", "Engine", "EngineInfo", "TFServingOptions", "create_engine"]
 
-OPENVINO_FORMS = {"f32": "openvino_fp32", "bf16": "openvino_fp32", "default": "openvino_fp32", "f16": "openvino_fp16"}
+# Which precision settings each engine accepts. TensorFlow and TF Serving run the SavedModel as
+# saved (float32); "default" means "whatever the engine does by itself".
+ENGINE_PRECISIONS = {
+    "openvino": ("f32", "bf16", "f16", "int8", "default"),
+    "tensorflow": ("f32", "default"),
+    "tfserving": ("f32", "default"),
+}
 
 
-def create_engine(engine: str, precision: str, model_dir: Path, manifest: dict) -> Engine:
+@dataclass(frozen=True)
+class TFServingOptions:
+    url: str  # REST: http://host:8501; gRPC: host:8500
+    protocol: str = "rest"
+    model_name: str = ""  # default: the manifest's name
+    timeout_s: float = 10.0
+
+
+def create_engine(engine: str, precision: str, model_dir: Path, manifest: dict,
+                  tfserving: TFServingOptions | None = None) -> Engine:
+    if engine not in ENGINE_PRECISIONS:
+        raise ValueError(f"unknown engine {engine!r} (known: {', '.join(ENGINE_PRECISIONS)})")
+    if precision not in ENGINE_PRECISIONS[engine]:
+        raise ValueError(f"engine {engine!r} does not run precision {precision!r} "
+                         f"(it runs {', '.join(ENGINE_PRECISIONS[engine])})")
+    model_dir = Path(model_dir)
+    forms: dict[str, str] = manifest.get("forms", {})
     if engine == "openvino":
-        from worker.engines.openvino_engine import OpenVINOEngine
+        from worker.engines.openvino_engine import PRECISIONS, OpenVINOEngine
 
-        form = OPENVINO_FORMS[precision]
-        if form not in manifest.get("forms", {}):
-            form = "openvino_fp32"
-        return OpenVINOEngine(model_dir / manifest["forms"][form], model_form=form, precision=precision)
-    raise ValueError(f"unknown engine {engine!r}")
+        form = PRECISIONS[precision][0]
+        if form not in forms:
+            # Never fall back silently to another IR: the row would claim a precision it did not get.
+            raise ValueError(f"model {manifest['name']}/{manifest['version']} has no form {form!r} for precision "
+                             f"{precision!r} (forms: {', '.join(sorted(forms))}); rebuild it with this modelkit")
+        return OpenVINOEngine(model_dir / forms[form], model_form=form, precision=precision)
+    if "saved_model" not in forms:
+        raise ValueError(f"model {manifest['name']}/{manifest['version']} has no saved_model form")
+    if engine == "tensorflow":
+        from worker.engines.tensorflow_engine import TensorFlowEngine
+
+        return TensorFlowEngine(model_dir / forms["saved_model"], model_form="saved_model")
+    from worker.engines.tfserving_engine import TFServingEngine
+
+    if tfserving is None or not tfserving.url:
+        raise ValueError("engine 'tfserving' needs the server's address (WORKER_TFSERVING_URL)")
+    return TFServingEngine(
+        url=tfserving.url,
+        model_name=tfserving.model_name or str(manifest["name"]),
+        model_version=int(manifest["version"]),
+        protocol=tfserving.protocol,
+        timeout_s=tfserving.timeout_s,
+    )

@@ -1,4 +1,4 @@
-"""OpenVINO in process, from the model version's IR."""
+"""OpenVINO in process, from one of the model version's IRs."""
 
 from __future__ import annotations
 
@@ -7,15 +7,27 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.engines.base import EngineInfo
+from worker.engines.base import EngineInfo, warmup_batch
 
-# Setting -> OpenVINO INFERENCE_PRECISION_HINT. "default" leaves the plugin's choice
-# (bf16 on CPUs with AMX/avx512_bf16), which is recorded as the effective precision anyway.
-PRECISION_HINTS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "default": None}
+# Precision setting -> (IR form, OpenVINO INFERENCE_PRECISION_HINT). "default" leaves the plugin's
+# choice (bf16 on CPUs with AMX/avx512_bf16). "int8" selects the NNCF-quantized IR; its layers
+# that stay unquantized run in f32. What really runs is read back after compiling (see
+# effective_precision): on a CPU without native f16, the f16 hint runs in bf16.
+PRECISIONS = {
+    "f32": ("openvino_fp32", "f32"),
+    "bf16": ("openvino_fp32", "bf16"),
+    "f16": ("openvino_fp16", "f16"),
+    "int8": ("openvino_int8", "f32"),
+    "default": ("openvino_fp32", None),
+}
+_COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution")
+_RUNTIME_NAMES = {"u8": "int8", "i8": "int8", "f32": "f32", "bf16": "bf16", "f16": "f16"}
 
 
 class OpenVINOEngine:
     def __init__(self, model_xml: Path, model_form: str, precision: str = "f32", device: str = "CPU"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.model_xml = Path(model_xml)
         self.model_form = model_form
         self.precision = precision
@@ -32,24 +44,23 @@ class OpenVINOEngine:
             raise FileNotFoundError(f"OpenVINO IR {self.model_xml} is missing: rebuild the model (make model)")
         core = ov.Core()
         config: dict[str, str] = {"PERFORMANCE_HINT": "LATENCY"}
-        hint = PRECISION_HINTS[self.precision]
+        hint = PRECISIONS[self.precision][1]
         if hint:
             # Must be given at compile time: set afterwards it has no effect (a fault of the seed).
             config["INFERENCE_PRECISION_HINT"] = hint
         self._compiled = core.compile_model(core.read_model(self.model_xml), self.device, config)
         self._logits_output = _find_output(self._compiled, "logits")
-        effective = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        if "int8" in self.model_form:
-            effective = f"i8+{effective}"
         self._info = EngineInfo(
-            name="openvino", version=ov.get_version().split("-")[0], device=self.device,
-            precision=effective, model_form=self.model_form,
+            name="openvino",
+            version=ov.get_version().split("-")[0],
+            device=",".join(self._compiled.get_property("EXECUTION_DEVICES")) or self.device,
+            precision=effective_precision(self._compiled),
+            model_form=self.model_form,
         )
 
     def warmup(self) -> None:
-        rng = np.random.default_rng(0)
         for batch_size in (1, 8, 32):
-            self.infer(rng.random((batch_size, 128, 128, 1), dtype=np.float32))
+            self.infer(warmup_batch(batch_size))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         request = getattr(self._local, "request", None)
@@ -63,6 +74,26 @@ class OpenVINOEngine:
         if self._info is None:
             raise RuntimeError("describe() before load()")
         return self._info
+
+
+def effective_precision(compiled) -> str:
+    """The precision the compute layers (convolutions, fully connected) really execute in, read
+    from the compiled runtime graph: "f32", "bf16", "int8"; "+"-joined when mixed. Falls back to
+    the compiled INFERENCE_PRECISION_HINT when the plugin exposes no runtime graph."""
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    try:
+        found = set()
+        for op in compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if "layerType" in info and info["layerType"].astype(str) in _COMPUTE_LAYERS:
+                runtime = info["runtimePrecision"].astype(str)
+                found.add(_RUNTIME_NAMES.get(runtime, runtime))
+    except Exception:  # not every device plugin exposes rt_info
+        return hint
+    if not found:
+        return hint
+    order = ("int8", "f16", "bf16", "f32")
+    return "+".join(sorted(found, key=lambda name: (order.index(name) if name in order else len(order), name)))
 
 
 def _find_output(compiled, wanted: str):

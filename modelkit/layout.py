@@ -1,0 +1,26 @@
+"""Names inside a model version directory, shared by modelkit and the worker. Standard library only.
+
+    <name>/<version>/                                  TF Serving's layout: the directory is the SavedModel
+        saved_model.pb, variables/, fingerprint.pb     signature serving_default: image -> logits, probabilities
+        assets.extra/tf_serving_warmup_requests        TFRecord of PredictionLog, replayed by TF Serving at load
+        openvino/fp32/model.xml|.bin                   IR, FP32 weights
+        openvino/fp16/model.xml|.bin                   IR, FP16-compressed weights (computed per the precision hint)
+        openvino/int8/model.xml|.bin                   IR quantized by NNCF post-training quantization
+        manifest.json                                  written last (see modelkit.manifest)
+"""
+
+from __future__ import annotations
+
+INPUT_NAME = "image"
+INPUT_SHAPE = (None, 128, 128, 1)
+OUTPUT_NAMES = ("logits", "probabilities")
+SIGNATURE = "serving_default"
+WARMUP_RECORDS = "assets.extra/tf_serving_warmup_requests"
+FORMS = {
+    "saved_model": ".",
+    "openvino_fp32": "openvino/fp32/model.xml",
+    "openvino_fp16": "openvino/fp16/model.xml",
+    "openvino_int8": "openvino/int8/model.xml",
+}
+# A version built by an older modelkit lacks some of these; build-demo rebuilds it.
+REQUIRED_FILES = (WARMUP_RECORDS,)

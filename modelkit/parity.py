@@ -1,0 +1,206 @@
+"""Parity: every engine and precision against the TensorFlow reference, on held-out images.
+
+The reference is the SavedModel's serving signature run directly with TensorFlow on pixels from
+`worker.preprocess.decode_image`. Each case builds its engine the way the worker does
+(`worker.engines.create_engine`), decodes the same image *bytes* with its own preprocessing
+function (the worker's, unless a test swaps it), and is compared on logits: probabilities
+saturate and hide differences.
+
+Tolerances are keyed by the precision setting (a path set to f32 must meet the f32 bound, whatever
+it runs), and for the setting "default" by the precision the engine reports it really ran. A
+logit passes when |engine - reference| <= atol + rtol * |reference| (numpy.isclose's rule; INT8
+compares logits clipped to +-10, see TOLERANCES); a label flip is a different side of the
+decision threshold. Wiring mistakes (wrong IR, wrong preprocessing) show on the f32 paths, whose
+bound is tight; the reduced-precision bounds are loose by nature.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from modelkit.errors import ModelkitError
+from worker.engines import Engine
+from worker.preprocess import decode_image
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    max_flip_fraction: float
+    why: str
+    clip: float | None = None  # compare logits clipped to [-clip, clip]; None: compare as they are
+
+
+# Measured on the demo model (180 held-out images, logits -18..9):
+# - bf16 keeps 8 mantissa bits (~0.4% per op): max |d logit| 0.045; the f16 setting runs bf16 on
+#   this CPU and adds FP16 weights: 0.065.
+# - INT8 (NNCF min/max PTQ) clamps logits at the edge of its calibration range: the held-out logit
+#   -18.1 comes out as -12.1 (same label, probability 1e-8 vs 5e-6), while below |logit| 10 the
+#   largest gap is 0.28. So INT8 is compared on logits clipped to +-10 (probability 4.5e-5 from
+#   certainty; no decision threshold in [1e-4, 1 - 1e-4] can tell such logits apart).
+TOLERANCES = {
+    "f32": Tolerance(atol=1e-4, rtol=0.0, max_flip_fraction=0.0, why="same math, summation order only"),
+    "bf16": Tolerance(atol=0.1, rtol=0.02, max_flip_fraction=0.01, why="bf16 compute, 8-bit mantissa"),
+    "f16": Tolerance(atol=0.1, rtol=0.02, max_flip_fraction=0.01, why="f16 compute, 11-bit mantissa"),
+    "int8": Tolerance(atol=0.5, rtol=0.1, max_flip_fraction=0.02, clip=10.0,
+                      why="int8 PTQ: clamps confident logits at the calibration range"),
+}
+
+
+def tolerance_for(setting: str, effective_precision: str) -> Tolerance:
+    """The setting's tolerance; for "default", the loosest among the precisions a (possibly
+    mixed, "int8+f32") path reports."""
+    if setting != "default":
+        if setting not in TOLERANCES:
+            raise ModelkitError(f"no parity tolerance for precision setting {setting!r}")
+        return TOLERANCES[setting]
+    parts = effective_precision.split("+")
+    order = ["int8", "f16", "bf16", "f32"]
+    known = [part for part in order if part in parts]
+    if not known:
+        raise ModelkitError(f"no parity tolerance for precision {effective_precision!r}")
+    return TOLERANCES[known[0]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: how to build the engine and how it preprocesses bytes."""
+
+    engine: str
+    precision: str  # the setting (WORKER_PRECISION)
+    make: Callable[[], Engine]
+    preprocess: Callable[[bytes], np.ndarray] = decode_image
+    label: str = ""  # e.g. "rest" for tfserving
+
+    @property
+    def name(self) -> str:
+        return f"{self.engine} ({self.label})" if self.label else self.engine
+
+
+@dataclass
+class Row:
+    engine: str
+    precision: str
+    effective: str = "-"
+    form: str = "-"
+    n: int = 0
+    max_abs_diff: float = math.nan
+    worst_ratio: float = math.nan  # max |d| / (atol + rtol |ref|); <= 1 passes
+    flips: int = 0
+    accuracy: float = math.nan
+    batch_ms: float = math.nan  # median wall time of one batch of batch_size
+    tolerance: Tolerance | None = None
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        if self.error or self.tolerance is None:
+            return False
+        allowed_flips = math.floor(self.tolerance.max_flip_fraction * self.n)
+        return self.worst_ratio <= 1.0 and self.flips <= allowed_flips
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    paths: tuple[Path, ...]
+    labels: np.ndarray
+    data: tuple[bytes, ...]
+
+
+def held_out_images(manifest: dict[str, Any], dataset_dir: Path | None = None) -> HeldOut:
+    """Recompute the model's held-out split from its dataset folder (same loader, split and seed
+    as training) and check it is the same set of files when the manifest records a fingerprint."""
+    from modelkit.dataset import held_out_fingerprint, load_labelled_folder, stratified_split
+
+    info = manifest.get("dataset") or {}
+    root = Path(dataset_dir or info.get("path") or "")
+    if not root.is_dir():
+        raise ModelkitError(f"dataset folder {root} not found: "
+                            "pass --dataset-dir (the folder the model was trained on)")
+    data = load_labelled_folder(root)
+    if list(data.class_names) != list(manifest["class_names"]):
+        raise ModelkitError(f"{root} has classes {list(data.class_names)}, the model {manifest['class_names']}")
+    _, test_idx = stratified_split(data.labels, float(info.get("test_fraction", 0.3)), int(info.get("seed", 0)))
+    paths = tuple(data.paths[i] for i in test_idx)
+    expected = info.get("held_out_sha256")
+    if expected and held_out_fingerprint(root, list(paths)) != expected:
+        raise ModelkitError(f"the held-out split recomputed from {root} is not the one the model was evaluated on "
+                            "(files added, removed or renamed since training)")
+    return HeldOut(paths=paths, labels=data.labels[test_idx], data=tuple(p.read_bytes() for p in paths))
+
+
+def reference_logits(version_dir: Path, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """TensorFlow, the SavedModel's serving_default signature, nothing else in between."""
+    import tensorflow as tf
+
+    from modelkit.layout import INPUT_NAME, SIGNATURE
+
+    signature = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE]
+    parts = [signature(**{INPUT_NAME: tf.constant(images[i : i + batch_size])})["logits"].numpy()
+             for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts).reshape(-1).astype(np.float32)
+
+
+def run_case(case: Case, data: tuple[bytes, ...], labels: np.ndarray, reference: np.ndarray,
+             threshold_logit: float, batch_size: int = 32, timing_batches: int = 5) -> Row:
+    row = Row(engine=case.name, precision=case.precision, n=len(data))
+    try:
+        engine = case.make()
+        engine.load()
+        engine.warmup()
+        info = engine.describe()
+        row.effective, row.form = info.precision, info.model_form
+        row.tolerance = tolerance_for(case.precision, info.precision)
+        pixels = np.stack([case.preprocess(item) for item in data])
+        logits = np.concatenate([engine.infer(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        timings = []
+        timing_batch = np.resize(pixels, (batch_size, *pixels.shape[1:]))
+        for _ in range(timing_batches):
+            started = time.perf_counter()
+            engine.infer(timing_batch)
+            timings.append((time.perf_counter() - started) * 1000.0)
+    except Exception as exc:  # one broken engine is a failed row, not a crashed table
+        row.error = f"{type(exc).__name__}: {exc}"
+        return row
+    tolerance = row.tolerance
+    ours, theirs = logits.astype(np.float64), reference.astype(np.float64)
+    if tolerance.clip is not None:
+        ours, theirs = np.clip(ours, -tolerance.clip, tolerance.clip), np.clip(theirs, -tolerance.clip, tolerance.clip)
+    diff = np.abs(ours - theirs)
+    bound = tolerance.atol + tolerance.rtol * np.abs(theirs)
+    row.max_abs_diff = float(np.abs(logits.astype(np.float64) - reference).max())  # unclipped, for the record
+    row.worst_ratio = float((diff / bound).max())
+    row.flips = int(np.sum((logits >= threshold_logit) != (reference >= threshold_logit)))
+    row.accuracy = float(np.mean((logits >= threshold_logit).astype(int) == labels))
+    row.batch_ms = statistics.median(timings)
+    return row
+
+
+def threshold_logit(threshold: float) -> float:
+    return math.log(threshold / (1.0 - threshold))
+
+
+def format_table(rows: list[Row], batch_size: int) -> str:
+    header = ("engine", "precision", "effective", "form", "n", "max |d logit|", "tolerance", "d/tol", "flips",
+              "accuracy", f"b={batch_size} ms", "result")
+    lines = [header]
+    for row in rows:
+        tol = row.tolerance
+        tolerance = (f"atol {tol.atol:g} rtol {tol.rtol:g}" + (f" clip {tol.clip:g}" if tol.clip else "")
+                     + f" flips<={math.floor(tol.max_flip_fraction * row.n)}") if tol else "-"
+        result = "ok" if row.passed else ("ERROR " + (row.error or "")[:120] if row.error else "FAIL")
+        lines.append((row.engine, row.precision, row.effective, row.form, str(row.n), f"{row.max_abs_diff:.3g}",
+                      tolerance, f"{row.worst_ratio:.2f}", str(row.flips), f"{row.accuracy:.4f}",
+                      f"{row.batch_ms:.2f}", result))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(out)
