@@ -46,6 +46,24 @@ resource "google_bigquery_table" "errors" {
   deletion_protection = var.table_deletion_protection
 }
 
+resource "google_bigquery_table" "batches" {
+  #checkov:skip=CKV_GCP_80:Same data classification as the dataset: Google-managed encryption at rest.
+  dataset_id  = google_bigquery_dataset.inference.dataset_id
+  table_id    = "batches"
+  description = "One row per engine call: sink time and batch facts (results join it on batch_id)."
+  schema      = file("${path.module}/../sql/batches_schema.json")
+
+  time_partitioning {
+    type          = "DAY"
+    field         = "processed_at"
+    expiration_ms = var.partition_expiration_days == null ? null : var.partition_expiration_days * 86400000
+  }
+
+  clustering = ["engine", "worker_host"]
+
+  deletion_protection = var.table_deletion_protection
+}
+
 resource "google_bigquery_table" "views" {
   #checkov:skip=CKV_GCP_80:A view stores no data, only a query over the tables above.
   #checkov:skip=CKV_GCP_121:Views hold no data and are recreated from sql/views/ on every apply; protecting them would only block renames.

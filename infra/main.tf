@@ -11,6 +11,7 @@ locals {
   # Table ids as the worker wants them: project.dataset.table.
   results_table_id = "${var.project_id}.${google_bigquery_dataset.inference.dataset_id}.${google_bigquery_table.results.table_id}"
   errors_table_id  = "${var.project_id}.${google_bigquery_dataset.inference.dataset_id}.${google_bigquery_table.errors.table_id}"
+  batches_table_id = "${var.project_id}.${google_bigquery_dataset.inference.dataset_id}.${google_bigquery_table.batches.table_id}"
 
   registry_host = "${var.region}-docker.pkg.dev"
   image_base    = "${local.registry_host}/${var.project_id}/${google_artifact_registry_repository.images.repository_id}"

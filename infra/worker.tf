@@ -23,6 +23,7 @@ locals {
     WORKER_SUBSCRIPTION          = google_pubsub_subscription.jobs.id
     WORKER_RESULTS_TABLE         = local.results_table_id
     WORKER_ERRORS_TABLE          = local.errors_table_id
+    WORKER_BATCHES_TABLE         = local.batches_table_id
     WORKER_MODEL_DIR             = var.worker_model_dir
     WORKER_ENGINE                = var.worker_engine
     WORKER_PRECISION             = var.worker_precision

@@ -35,6 +35,7 @@ class StackConfig:
     dataset: str = "inference"
     results_table: str = "results"
     errors_table: str = "errors"
+    batches_table: str = "batches"
     model_dir: Path = REPO_ROOT / "build" / "models" / "demo" / "1"
     worker_batch_size: int = 32
 

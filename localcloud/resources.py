@@ -13,6 +13,9 @@ from localcloud.config import REPO_ROOT, StackConfig
 SQL_DIR = REPO_ROOT / "sql"
 
 
+CLUSTERING = {"results": ["engine", "model_version"], "batches": ["engine", "worker_host"]}
+
+
 def table_schema(name: str) -> list[dict]:
     return json.loads((SQL_DIR / f"{name}_schema.json").read_text())
 
@@ -70,13 +73,13 @@ def create_bigquery(config: StackConfig) -> None:
     for table_name, schema_name, partition_field in (
         (config.results_table, "results", "processed_at"),
         (config.errors_table, "errors", "failed_at"),
+        (config.batches_table, "batches", "processed_at"),
     ):
         table = bigquery.Table(config.table_id(table_name),
                                schema=[bigquery.SchemaField.from_api_repr(f) for f in table_schema(schema_name)])
         table.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.DAY,
                                                             field=partition_field)
-        if schema_name == "results":
-            table.clustering_fields = ["engine", "model_version"]
+        table.clustering_fields = CLUSTERING.get(schema_name)
         client.create_table(table, exists_ok=True, retry=retry)
     for view_file in sorted(SQL_DIR.glob("views/*.sql")):
         create_view(client, config, view_file)

@@ -182,6 +182,7 @@ def worker(config: StackConfig, name: str = "worker", **overrides: str) -> Servi
         "WORKER_SUBSCRIPTION": config.subscription_path(config.jobs_subscription),
         "WORKER_RESULTS_TABLE": config.table_id(config.results_table),
         "WORKER_ERRORS_TABLE": config.table_id(config.errors_table),
+        "WORKER_BATCHES_TABLE": config.table_id(config.batches_table),
         "WORKER_MODEL_DIR": str(config.model_dir),
         "WORKER_BATCH_SIZE": str(config.worker_batch_size),
         "WORKER_MAX_DELIVERY_ATTEMPTS": str(config.max_delivery_attempts),

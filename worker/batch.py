@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,11 +57,19 @@ class Delivery:
 
 @dataclass
 class BatchReport:
+    """What one batch came to; observers (metrics, logs) read it after every batch."""
+
     results: int = 0
     errors: int = 0
     retried: int = 0
     duplicates: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    batch_id: str = ""
+    images: int = 0  # images that reached the engine
+    inference_ms: float = 0.0  # the one engine call, wall clock
+    sink_ms: float = 0.0  # the results insert, wall clock
+    result_rows: list[dict] = field(default_factory=list)  # as written
+    error_rows: list[dict] = field(default_factory=list)  # as written
 
 
 class RecentKeys:
@@ -91,6 +100,7 @@ class RecentKeys:
 class Tables:
     results: str
     errors: str
+    batches: str | None = None  # one row per batch: sink time and batch facts (None: not written)
 
 
 @dataclass
@@ -135,6 +145,7 @@ class BatchRunner:
         web_framework: str | None = None,
         max_delivery_attempts: int = 0,
         recent_keys: RecentKeys | None = None,
+        observers: list[Callable[[BatchReport], None]] | None = None,
     ):
         self._engine = engine
         self._info = engine.describe()
@@ -153,6 +164,18 @@ class BatchRunner:
         self._max_delivery_attempts = max_delivery_attempts
         self._recent = recent_keys if recent_keys is not None else RecentKeys()
         self._cold = True
+        self._observers = list(observers or [])
+
+    def add_observer(self, observer: Callable[[BatchReport], None]) -> None:
+        self._observers.append(observer)
+
+    @property
+    def engine_info(self):
+        return self._info
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
 
     @property
     def model_version(self) -> str:
@@ -160,26 +183,33 @@ class BatchRunner:
 
     def run(self, deliveries: list[Delivery]) -> BatchReport:
         batch_started = time.monotonic()
-        report = BatchReport()
+        report = BatchReport(batch_id=uuid.uuid4().hex)
         items = self._unique_items(deliveries, report)
         list(self._pool.map(self._fetch_and_decode, [item for item in items if item.job and not item.error]))
+        fetched = time.monotonic()
 
         ready = [item for item in items if item.pixels is not None]
-        logits, batch_ms = self._infer(ready)
+        logits, batch_ms, infer_started = self._infer(ready)
         if logits is None:
             ready = []
 
         system = self._sample_system()
         processed_at = dt.datetime.now(dt.timezone.utc)
-        finished = time.monotonic()
+        timing = _BatchTiming(batch_started, fetched, infer_started, batch_ms)
         result_rows = [
-            self._result_row(item, float(logit), float(score), len(ready), batch_ms, batch_started, finished,
-                             processed_at, system)
+            self._result_row(item, float(logit), float(score), len(ready), timing, processed_at, system,
+                             report.batch_id)
             for item, logit, score in zip(ready, logits if ready else [], sigmoid(logits) if ready else [])
         ]
+        timing.finished = time.monotonic()
+        for row, item in zip(result_rows, ready):
+            row["total_ms"] = (timing.finished - item.delivery.received_monotonic) * 1000.0
         if ready:
             self._cold = False
+        report.images, report.inference_ms = len(ready), batch_ms
+        sink_started = time.perf_counter()
         self._settle(self._tables.results, ready, result_rows, report, is_error=False)
+        report.sink_ms = (time.perf_counter() - sink_started) * 1000.0 if result_rows else 0.0
         self._give_up_on_last_attempt(items)
         error_items = [item for item in items if item.error]
         self._settle(self._tables.errors, error_items, [self._error_row(i, processed_at) for i in error_items],
@@ -190,7 +220,49 @@ class BatchRunner:
                                 item.transient)
                 item.settle(acked=False)
                 report.retried += 1
+        if result_rows:
+            self._write_batch_row(report, result_rows[0], timing, system, processed_at)
+        for observer in self._observers:
+            try:
+                observer(report)
+            except Exception:  # an observer (metrics, logging) must never cost a row
+                _LOGGER.exception("batch observer %r failed", observer)
         return report
+
+    def _write_batch_row(self, report: BatchReport, first: dict, timing: "_BatchTiming", system: dict,
+                         processed_at: dt.datetime) -> None:
+        """The batch's own row, written off the critical path: the results insert cannot carry its
+        own duration, so sink time lives here and views join it back on batch_id."""
+        if not self._tables.batches:
+            return
+        row = {
+            "batch_id": report.batch_id,
+            "event_key": report.batch_id,  # the sink's insertId
+            "run_id": first["run_id"],
+            "worker_host": first["worker_host"],
+            "worker_pid": first.get("worker_pid"),
+            "engine": first["engine"],
+            "precision": first["precision"],
+            "model_version": first["model_version"],
+            "web_framework": self._web_framework,
+            "images": report.images,
+            "results": report.results,
+            "errors": report.errors,
+            "retried": report.retried,
+            "duplicates": report.duplicates,
+            "fetch_ms": (timing.fetched - timing.started) * 1000.0,
+            "inference_ms": timing.inference_ms,
+            "sink_ms": report.sink_ms,
+            "started_at": (processed_at - dt.timedelta(seconds=time.monotonic() - timing.started)).isoformat(),
+            "processed_at": processed_at.isoformat(),
+            **system,
+        }
+        self._pool.submit(self._insert_batch_row, row)
+
+    def _insert_batch_row(self, row: dict) -> None:
+        outcome = self._sink.insert(self._tables.batches, [row])
+        if not outcome.ok:
+            _LOGGER.warning("batch row %s not written: %s", row["batch_id"], outcome.failed)
 
     def _unique_items(self, deliveries: list[Delivery], report: BatchReport) -> list[_Item]:
         """Parse jobs; fold copies of one event key into one item; ack keys already written."""
@@ -216,10 +288,12 @@ class BatchRunner:
                 items.append(item)
         return items
 
-    def _infer(self, ready: list[_Item]) -> tuple[np.ndarray | None, float]:
+    def _infer(self, ready: list[_Item]) -> tuple[np.ndarray | None, float, float]:
+        """Logits, the engine call's wall time in ms, and when it started (time.monotonic)."""
         if not ready:
-            return np.empty(0, dtype=np.float32), 0.0
+            return np.empty(0, dtype=np.float32), 0.0, time.monotonic()
         batch = np.stack([item.pixels for item in ready])
+        started_monotonic = time.monotonic()
         started = time.perf_counter()
         try:
             logits = self._engine.infer(batch)
@@ -227,8 +301,8 @@ class BatchRunner:
             _LOGGER.exception("inference failed for a batch of %d", len(ready))
             for item in ready:
                 item.transient = f"inference failed: {exc}"
-            return None, 0.0
-        return logits, (time.perf_counter() - started) * 1000.0
+            return None, 0.0, started_monotonic
+        return logits, (time.perf_counter() - started) * 1000.0, started_monotonic
 
     def _give_up_on_last_attempt(self, items: list[_Item]) -> None:
         """On the subscription's last delivery attempt a transient failure becomes an error row,
@@ -254,6 +328,7 @@ class BatchRunner:
                 continue
             self._recent.add(row["event_key"])
             item.settle(acked=True)
+            (report.error_rows if is_error else report.result_rows).append(row)
             if is_error:
                 report.errors += 1
                 report.reasons[row["reason"]] = report.reasons.get(row["reason"], 0) + 1
@@ -283,9 +358,10 @@ class BatchRunner:
         except Exception as exc:  # network, server 5xx, timeouts: worth another delivery
             item.transient = f"download of gs://{job.bucket}/{job.name} failed: {exc!r}"
 
-    def _result_row(self, item: _Item, logit: float, score: float, batch_size: int, batch_ms: float,
-                    batch_started: float, finished: float, processed_at: dt.datetime, system: dict) -> dict:
+    def _result_row(self, item: _Item, logit: float, score: float, batch_size: int, timing: "_BatchTiming",
+                    processed_at: dt.datetime, system: dict, batch_id: str) -> dict:
         job, delivery = item.job, item.delivery
+        batch_ms = timing.inference_ms
         positive = score >= self._threshold
         info = self._info
         return {
@@ -311,12 +387,16 @@ class BatchRunner:
             "batch_size": batch_size,
             "created_to_function_ms": ms_between(job.time_created, job.function_received_at),
             "function_to_worker_ms": ms_between(job.function_received_at, delivery.received_at),
-            "queue_ms": max(0.0, (batch_started - delivery.received_monotonic) * 1000.0),
+            "queue_ms": max(0.0, (timing.started - delivery.received_monotonic) * 1000.0),
             "download_ms": item.download_ms,
             "preprocess_ms": item.preprocess_ms,
+            # Waiting for the rest of the batch to download and decode, then stacking it.
+            "batch_wait_ms": max(0.0, (timing.infer_started - timing.started) * 1000.0
+                                 - (item.download_ms or 0.0) - (item.preprocess_ms or 0.0)),
             "inference_ms": batch_ms / batch_size,
             "batch_inference_ms": batch_ms,
-            "total_ms": (finished - delivery.received_monotonic) * 1000.0,
+            "total_ms": None,  # set once every row of the batch is built, just before the insert
+            "batch_id": batch_id,
             "end_to_end_ms": ms_between(job.time_created, processed_at),
             "cold": self._cold,
             **self._machine_row,
@@ -354,6 +434,17 @@ class BatchRunner:
             "message_id": item.delivery.message_id,
             "failed_at": failed_at.isoformat(),
         }
+
+
+@dataclass
+class _BatchTiming:
+    """Batch phase boundaries on time.monotonic(); inference_ms is the engine call alone."""
+
+    started: float
+    fetched: float
+    infer_started: float
+    inference_ms: float
+    finished: float = 0.0
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -26,6 +26,7 @@ class WorkerSettings:
     subscription: str
     results_table: str
     errors_table: str
+    batches_table: str = ""  # empty: batch rows (sink time) are not written
     # The model version: WORKER_MODEL_URI (local dir or gs://BUCKET/models/NAME[/VERSION], see
     # worker/models.py) or WORKER_MODEL_DIR (a local version directory; the older name). One of them.
     model_dir: Path | None = None
@@ -100,8 +101,9 @@ class WorkerSettings:
                 f"WORKER_MAX_OUTSTANDING_MESSAGES={self.max_outstanding_messages} is below "
                 f"WORKER_BATCH_SIZE={self.batch_size}: a batch could never fill"
             )
-        for table_setting in ("results_table", "errors_table"):
-            if getattr(self, table_setting).count(".") != 2:
+        for table_setting in ("results_table", "errors_table", "batches_table"):
+            value = getattr(self, table_setting)
+            if (value or table_setting != "batches_table") and value.count(".") != 2:
                 raise SettingsError(
                     f"WORKER_{table_setting.upper()}={getattr(self, table_setting)!r} must be project.dataset.table"
                 )
