@@ -82,5 +82,5 @@ resource "google_bigquery_table" "views" {
 
   deletion_protection = false
 
-  depends_on = [google_bigquery_table.results, google_bigquery_table.errors]
+  depends_on = [google_bigquery_table.results, google_bigquery_table.errors, google_bigquery_table.batches]
 }

@@ -10,12 +10,17 @@ worker's per-image inference time is reported as a ratio to the bare call.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
+import shutil
 import statistics
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import product
+from pathlib import Path
 
 import click
 import numpy as np
@@ -24,19 +29,26 @@ from rich.progress import Progress
 from rich.table import Table
 
 from localcloud.config import StackConfig
-from localcloud.demo import bigquery_rows
+from localcloud.demo import bigquery_rows, wait_for_rows
 from localcloud.stack import Stack
 
-console = Console(width=170)
+console = Console(width=200)
 
 STATS_SQL = """
+WITH rows AS (
+  SELECT r.*, b.sink_ms,
+    r.end_to_end_ms + COALESCE(b.sink_ms, 0) AS upload_to_row_ms
+  FROM `${project}.${dataset}.results_dedup` AS r
+  LEFT JOIN `${project}.${dataset}.batches` AS b USING (batch_id)
+  WHERE r.run_id = @run_id
+)
 SELECT
-  COUNT(DISTINCT event_key) AS images,
+  COUNT(*) AS images,
   TIMESTAMP_DIFF(MAX(processed_at), MIN(received_at), MILLISECOND) AS worker_span_ms,
   TIMESTAMP_DIFF(MAX(processed_at), MIN(object_created_at), MILLISECOND) AS pipeline_span_ms,
-  APPROX_QUANTILES(end_to_end_ms, 100)[OFFSET(50)] AS e2e_p50_ms,
-  APPROX_QUANTILES(end_to_end_ms, 100)[OFFSET(95)] AS e2e_p95_ms,
-  APPROX_QUANTILES(end_to_end_ms, 100)[OFFSET(99)] AS e2e_p99_ms,
+  APPROX_QUANTILES(upload_to_row_ms, 100)[OFFSET(50)] AS e2e_p50_ms,
+  APPROX_QUANTILES(upload_to_row_ms, 100)[OFFSET(95)] AS e2e_p95_ms,
+  APPROX_QUANTILES(upload_to_row_ms, 100)[OFFSET(99)] AS e2e_p99_ms,
   APPROX_QUANTILES(total_ms, 100)[OFFSET(50)] AS worker_p50_ms,
   APPROX_QUANTILES(inference_ms, 100)[OFFSET(50)] AS inference_p50_ms,
   AVG(batch_size) AS mean_batch,
@@ -45,10 +57,63 @@ SELECT
   AVG(queue_ms) AS queue_ms,
   AVG(download_ms) AS download_ms,
   AVG(preprocess_ms) AS preprocess_ms,
-  AVG(inference_ms) AS inference_ms
-FROM `${project}.${dataset}.results`
-WHERE run_id = @run_id
+  AVG(batch_wait_ms) AS batch_wait_ms,
+  AVG(batch_inference_ms) AS batch_inference_ms,
+  AVG(inference_ms) AS inference_ms,
+  AVG(sink_ms) AS sink_ms
+FROM rows
 """
+
+PORT_FIELDS = ("pubsub_port", "gcs_port", "gcs_http_port", "bigquery_port", "bigquery_grpc_port", "function_port")
+
+# Stack processes whose CPU the bench watches (names as in localcloud/services.py).
+WATCHED = ("worker", "bigquery", "pubsub", "gcs", "function", "eventarc")
+
+
+class CpuWatch:
+    """CPU % per stack process (and the whole machine) between start() and stop()."""
+
+    def __init__(self, stack: Stack):
+        self._stack = stack
+        self._start: dict[str, float] = {}
+        self._processes: dict = {}
+
+    @staticmethod
+    def _cpu(process, with_children: bool = True) -> float:
+        total = sum(process.cpu_times()[:2])
+        for child in process.children(recursive=True) if with_children else ():
+            try:
+                total += sum(child.cpu_times()[:2])
+            except Exception:
+                pass
+        return total
+
+    def start(self) -> None:
+        import psutil
+
+        self._processes = {name: self._stack.processes.process(name) for name in WATCHED}
+        self._processes = {name: proc for name, proc in self._processes.items() if proc is not None}
+        self._processes["bench"] = psutil.Process()  # uploads and polls BigQuery
+        # The bench process is the parent of the whole stack: count only its own threads.
+        self._start = {name: self._cpu(proc, name != "bench") for name, proc in self._processes.items()}
+        self._machine = psutil.cpu_times()
+        self._started = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        import psutil
+
+        elapsed = max(1e-6, time.monotonic() - self._started)
+        self.elapsed_s = elapsed
+        usage = {}
+        for name, proc in self._processes.items():
+            try:
+                usage[name] = (self._cpu(proc, name != "bench") - self._start[name]) / elapsed * 100.0
+            except Exception:  # the process ended (e.g. a worker restart)
+                pass
+        now = psutil.cpu_times()
+        busy = (sum(now) - now.idle - now.iowait) - (sum(self._machine) - self._machine.idle - self._machine.iowait)
+        usage["machine"] = busy / elapsed * 100.0 / psutil.cpu_count()
+        return usage
 
 
 @dataclass(frozen=True)
@@ -75,49 +140,60 @@ def bench_images(count: int, seed: int = 0) -> list[bytes]:
     return images
 
 
-def upload_all(config: StackConfig, images: list[bytes], run_id: str, threads: int) -> float:
-    from worker.clients import storage_client
+def multipart_upload(http, endpoint: str, bucket: str, name: str, data: bytes, metadata: dict[str, str]) -> int:
+    """One JSON-API multipart upload (object metadata + bytes); returns the new generation.
 
-    client = storage_client(config.project, config.client_env())
-    bucket = client.bucket(config.bucket)
+    The load generator must stay light next to the system it loads: this costs ~0.5 ms of CPU per
+    object against ~1.4 ms through google-cloud-storage's Blob.upload_from_string.
+    """
+    boundary = uuid.uuid4().hex
+    resource = json.dumps({"name": name, "contentType": "image/png", "metadata": metadata}).encode()
+    body = b"".join([f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n".encode(), resource,
+                     f"\r\n--{boundary}\r\nContent-Type: image/png\r\n\r\n".encode(), data,
+                     f"\r\n--{boundary}--\r\n".encode()])
+    response = http.request("POST", f"{endpoint}/upload/storage/v1/b/{bucket}/o?uploadType=multipart", body=body,
+                            headers={"Content-Type": f"multipart/related; boundary={boundary}"})
+    if response.status != 200:
+        raise RuntimeError(f"upload of gs://{bucket}/{name} failed: HTTP {response.status} {response.data[:200]!r}")
+    return int(json.loads(response.data)["generation"])
+
+
+def upload_all(config: StackConfig, images: list[bytes], run_id: str, threads: int, rate: float = 0.0) -> float:
+    """Upload every image (in parallel; at `rate` per second if given); returns seconds taken."""
+    import urllib3
+
+    http = urllib3.PoolManager(maxsize=threads)
     started = time.monotonic()
 
     def put(index: int) -> None:
-        blob = bucket.blob(f"{config.prefix}{run_id}/{index:06d}.png")
-        blob.metadata = {"run_id": run_id}
-        blob.upload_from_string(images[index], content_type="image/png")
+        if rate:
+            time.sleep(max(0.0, started + index / rate - time.monotonic()))
+        multipart_upload(http, config.gcs_url, config.bucket, f"{config.prefix}{run_id}/{index:06d}.png",
+                         images[index], {"run_id": run_id})
 
     with ThreadPoolExecutor(threads) as pool, Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"upload {run_id}", total=len(images))
+        task = progress.add_task(f"upload {run_id}" + (f" at {rate:.0f}/s" if rate else ""), total=len(images))
         for _ in pool.map(put, range(len(images))):
             progress.advance(task)
     return time.monotonic() - started
 
 
-def wait_rows(config: StackConfig, run_id: str, expected: int, timeout_s: float) -> int:
-    sql = "SELECT COUNT(DISTINCT event_key) AS n FROM `${project}.${dataset}.results` WHERE run_id = @run_id"
-    deadline = time.monotonic() + timeout_s
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"rows {run_id}", total=expected)
-        while True:
-            done = bigquery_rows(config, sql, {"run_id": run_id})[0]["n"]
-            progress.update(task, completed=done)
-            if done >= expected or time.monotonic() > deadline:
-                return done
-            time.sleep(0.5)
+def _loaded_engine(model_dir, engine: str, precision: str):
+    from worker.engines import create_engine
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    # The same engine settings as the worker under test (WORKER_ENGINE_THREADS via --worker-env).
+    instance = create_engine(engine, precision, model_dir, manifest, threads=int(os.environ.get("WORKER_ENGINE_THREADS", 0)))
+    instance.load()
+    instance.warmup()
+    return instance, manifest
 
 
 def bare_engine_ms_per_image(model_dir, engine: str, precision: str, batch_size: int, repeats: int = 30) -> float:
     """Median ms per image of the engine call alone, on real preprocessed images."""
-    import json
-
-    from worker.engines import create_engine
     from worker.preprocess import decode_image
 
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    instance = create_engine(engine, precision, model_dir, manifest)
-    instance.load()
-    instance.warmup()
+    instance, _ = _loaded_engine(model_dir, engine, precision)
     batch = np.stack([decode_image(data) for data in bench_images(batch_size, seed=99)])
     timings = []
     for _ in range(repeats):
@@ -127,39 +203,144 @@ def bare_engine_ms_per_image(model_dir, engine: str, precision: str, batch_size:
     return statistics.median(timings)
 
 
-def run_config(stack: Stack, bench: BenchConfig, images: list[bytes], worker_only: bool, threads: int,
-               timeout_s: float) -> dict:
+class _MemoryFetcher:
+    def __init__(self, images: dict[str, bytes]):
+        self.images = images
+
+    def fetch(self, job) -> bytes:
+        return self.images[job.name]
+
+
+class _NullSink:
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def insert(self, table: str, rows: list[dict]):
+        from worker.sink import InsertOutcome
+
+        self.rows.extend(rows)
+        return InsertOutcome()
+
+
+def engine_overhead(model_dir, engine: str, precision: str, batch_size: int, rounds: int = 20) -> dict:
+    """The worker's recorded inference time per image against the bare engine call on the same
+    batch, interleaved A/B in one process, so machine noise hits both alike. Above 1.0 is what the
+    worker adds around the engine call."""
+    from worker.batch import BatchRunner, Delivery, Tables
+    from worker.preprocess import DecodeLimits, decode_image
+
+    instance, manifest = _loaded_engine(model_dir, engine, precision)
+    images = {f"{index}.png": data for index, data in enumerate(bench_images(batch_size, seed=7))}
+    pixels = np.stack([decode_image(data) for data in images.values()])
+    sink = _NullSink()
+    with ThreadPoolExecutor(8) as pool:
+        runner = BatchRunner(engine=instance, manifest=manifest, fetcher=_MemoryFetcher(images), sink=sink,
+                             tables=Tables("p.d.results", "p.d.errors"), limits=DecodeLimits(),
+                             machine_row={"worker_host": "bench"}, sample_system=dict, io_pool=pool)
+        worker_ms, bare_ms = [], []
+        for round_index in range(rounds):
+            deliveries = [Delivery(
+                data=json.dumps({"event_key": f"k{round_index}-{name}", "bucket": "b", "name": name,
+                                 "generation": "1"}).encode(),
+                message_id=name, delivery_attempt=1, received_at=dt.datetime.now(dt.timezone.utc),
+                received_monotonic=time.monotonic(), ack=lambda: None, nack=lambda: None) for name in images]
+            runner.run(deliveries)
+            worker_ms.append(sink.rows[-1]["inference_ms"])
+            started = time.perf_counter()
+            instance.infer(pixels)
+            bare_ms.append((time.perf_counter() - started) * 1000.0 / batch_size)
+    worker, bare = statistics.median(worker_ms), statistics.median(bare_ms)
+    return {"worker_ms": worker, "bare_ms": bare, "ratio": worker / bare}
+
+
+def run_config(stack: Stack, bench: BenchConfig, images: list[bytes], mode: str, threads: int, rate: float,
+               timeout_s: float, extra_env: dict[str, str] | None = None) -> dict:
     config = stack.config
     run_id = f"bench-{bench.engine}-{bench.precision}-b{bench.batch_size}-p{bench.pipelines}-{uuid.uuid4().hex[:6]}"
     worker_env = {"WORKER_ENGINE": bench.engine, "WORKER_PRECISION": bench.precision,
                   "WORKER_BATCH_SIZE": str(bench.batch_size), "WORKER_PIPELINES": str(bench.pipelines),
-                  "WORKER_MAX_OUTSTANDING_MESSAGES": str(max(256, 4 * bench.batch_size))}
+                  "WORKER_MAX_OUTSTANDING_MESSAGES": str(max(256, 4 * bench.pipelines * bench.batch_size)),
+                  **(extra_env or {})}
+    watch = CpuWatch(stack)
     stack.stop_worker()
-    if not worker_only:
+    if mode != "worker-only":
         stack.start_worker(**worker_env)
-    upload_s = upload_all(config, images, run_id, threads)
-    if worker_only:
+        watch.start()
+    upload_s = upload_all(config, images, run_id, threads, rate)
+    if mode == "worker-only":
         time.sleep(2.0)  # let the last notifications become jobs before the worker starts
         stack.start_worker(**worker_env)
-    done = wait_rows(config, run_id, len(images), timeout_s)
+        watch.start()
+    counts = wait_for_rows(config, run_id, len(images), timeout_s, console, poll_s=2.0)
+    cpu = watch.stop()
     stats = bigquery_rows(config, STATS_SQL, {"run_id": run_id})[0]
-    span_ms = stats["worker_span_ms"] if worker_only else stats["pipeline_span_ms"]
-    stats.update(run_id=run_id, uploaded=len(images), done=done, upload_s=upload_s,
-                 images_per_s=done / (span_ms / 1000.0) if span_ms else 0.0,
+    span_ms = stats["worker_span_ms"] if mode == "worker-only" else stats["pipeline_span_ms"]
+    done = counts["results"] + counts["errors"]
+    # CPU ms each process spent per image: noisy machines change throughput, much less this.
+    cpu_ms_per_image = {name: pct / 100.0 * watch.elapsed_s * 1000.0 / max(1, done)
+                        for name, pct in cpu.items() if name != "machine"}
+    stats.update(run_id=run_id, mode=mode, uploaded=len(images), done=done, errors=counts["errors"],
+                 upload_s=upload_s, offered_per_s=rate or None, cpu=cpu, cpu_ms_per_image=cpu_ms_per_image,
+                 images_per_s=stats["images"] / (span_ms / 1000.0) if span_ms else 0.0,
                  upload_per_s=len(images) / upload_s)
     return stats
 
 
-def bottleneck(stats: dict, worker_only: bool) -> str:
-    stages = {"notification": stats["to_function_ms"] or 0, "pubsub": stats["to_worker_ms"] or 0,
-              "batch queue": stats["queue_ms"] or 0, "download": stats["download_ms"] or 0,
-              "decode": stats["preprocess_ms"] or 0, "inference": (stats["inference_ms"] or 0) * (stats["mean_batch"] or 1)}
-    if worker_only:
+def bottleneck(stats: dict) -> str:
+    """The stage (or process) that limits this configuration, in words."""
+    cpu = stats["cpu"]
+    if cpu.get("machine", 0) >= 85:
+        top = sorted(((v, k) for k, v in cpu.items() if k != "machine"), reverse=True)[:2]
+        return "CPU: " + ", ".join(f"{name} {value:.0f}%" for value, name in top)
+    if stats["mode"] == "pipeline" and not stats["offered_per_s"] and stats["upload_per_s"] < 1.1 * stats["images_per_s"]:
+        return f"upload {stats['upload_per_s']:.0f}/s"
+    stages = {"notification": stats["to_function_ms"], "pubsub": stats["to_worker_ms"],
+              "batch queue": stats["queue_ms"], "download": stats["download_ms"], "decode": stats["preprocess_ms"],
+              "batch wait": stats["batch_wait_ms"], "inference": stats["batch_inference_ms"], "sink": stats["sink_ms"]}
+    if stats["mode"] == "worker-only":
         stages.pop("notification")
         stages.pop("pubsub")
-    if not worker_only and stats["upload_per_s"] < 1.1 * stats["images_per_s"]:
-        return f"upload {stats['upload_per_s']:.0f}/s"
+    stages = {name: value or 0.0 for name, value in stages.items()}
     return max(stages, key=stages.get)
+
+
+def results_table(rows: list[tuple[BenchConfig, dict]], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("engine", "prec", "batch", "pipes", "rows", "img/s", "e2e p50", "e2e p95", "e2e p99",
+                   "worker p50", "infer/img", "bare/img", "load ratio", "A/B ratio", "download", "decode", "sink", "cpu %",
+                   "bottleneck"):
+        table.add_column(column, justify="right", no_wrap=column != "bottleneck")
+    for bench, s in rows:
+        cpu = s["cpu"]
+        table.add_row(bench.engine, bench.precision, str(bench.batch_size), str(bench.pipelines),
+                      f"{s['done']}/{s['uploaded']}", f"{s['images_per_s']:.0f}", _ms(s["e2e_p50_ms"], 0),
+                      _ms(s["e2e_p95_ms"], 0), _ms(s["e2e_p99_ms"], 0), _ms(s["worker_p50_ms"], 0),
+                      _ms(s["inference_p50_ms"], 2), _ms(s["bare_ms"], 2),
+                      f"{s['inference_p50_ms'] / s['bare_ms']:.2f}" if s["inference_p50_ms"] else "-",
+                      f"{s['overhead']['ratio']:.2f}",
+                      _ms(s["download_ms"], 1), _ms(s["preprocess_ms"], 1), _ms(s["sink_ms"], 0),
+                      f"{cpu.get('machine', 0):.0f}", bottleneck(s))
+    return table
+
+
+def cpu_table(rows: list[tuple[BenchConfig, dict]]) -> Table:
+    """Where the CPU went: ms of CPU per image in each process of the stack (2 cores = 2,000 ms/s)."""
+    table = Table(title="CPU ms per image, by process (the whole stack shares this machine's cores)")
+    names = [name for name in (*WATCHED, "bench") if any(name in s["cpu_ms_per_image"] for _, s in rows)]
+    for column in ("engine", "prec", "batch", "pipes", *names, "sum", "ceiling img/s"):
+        table.add_column(column, justify="right")
+    cores = os.cpu_count() or 1
+    for bench, s in rows:
+        per_image = s["cpu_ms_per_image"]
+        total = sum(per_image.values())
+        table.add_row(bench.engine, bench.precision, str(bench.batch_size), str(bench.pipelines),
+                      *(f"{per_image.get(name, 0):.2f}" for name in names), f"{total:.2f}",
+                      f"{cores * 1000.0 / total:.0f}" if total else "-")
+    return table
+
+
+def _ms(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 @click.command()
@@ -167,13 +348,29 @@ def bottleneck(stats: dict, worker_only: bool) -> str:
 @click.option("--engines", default="openvino", show_default=True)
 @click.option("--precisions", default="f32,bf16", show_default=True)
 @click.option("--batch-sizes", default="32", show_default=True)
-@click.option("--pipelines", default="2", show_default=True, help="worker batches in flight")
+@click.option("--pipelines", default="4", show_default=True, help="worker batches in flight")
 @click.option("--worker-only", is_flag=True, help="measure the worker alone on a pre-filled backlog")
+@click.option("--rate", default=0.0, show_default=True, help="offered load in uploads/s (0: as fast as possible)")
 @click.option("--upload-threads", default=16, show_default=True)
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True)
-def main(count, engines, precisions, batch_sizes, pipelines, worker_only, upload_threads, timeout_s) -> None:
+@click.option("--worker-env", multiple=True, metavar="NAME=VALUE", help="extra worker setting, e.g. WORKER_SINK_LINGER_MS=50")
+@click.option("--out", "out_dir", default="build/bench", show_default=True, type=click.Path(path_type=Path),
+              help="where the JSON of every run goes")
+def main(count, engines, precisions, batch_sizes, pipelines, worker_only, rate, upload_threads, timeout_s, worker_env,
+         out_dir) -> None:
     """Run the configuration matrix on a fresh local stack and print one table."""
-    config = StackConfig.from_env()
+    # A stack of its own, started empty: the emulators slow down as their tables grow, and a bench
+    # must not depend on what earlier runs left behind.
+    base = StackConfig.from_env()
+    free = StackConfig.with_free_ports(base.run_dir / "bench")  # next to a `make up` stack, if one runs
+    config = replace(base, run_dir=free.run_dir, **{name: getattr(free, name) for name in PORT_FIELDS})
+    extra_env = dict(item.split("=", 1) for item in worker_env)
+    os.environ.update({k: v for k, v in extra_env.items() if k == "WORKER_ENGINE_THREADS"})
+    if Stack(config).processes.running():
+        raise SystemExit(f"a bench stack is still running in {config.run_dir}: "
+                         f"LOCAL_RUN_DIR={config.run_dir} python -m localcloud down")
+    shutil.rmtree(config.run_dir, ignore_errors=True)
+    mode = "worker-only" if worker_only else "pipeline"
     matrix = [BenchConfig(e, p, int(b), int(w)) for e, p, b, w in product(
         engines.split(","), precisions.split(","), batch_sizes.split(","), pipelines.split(","))]
     images = bench_images(count)
@@ -183,26 +380,27 @@ def main(count, engines, precisions, batch_sizes, pipelines, worker_only, upload
         with console.status("starting the local stack"):
             stack.up(with_worker=False)
         for bench in matrix:
-            console.print(f"[bold]{bench}[/bold] ({'worker only' if worker_only else 'pipeline'}, {count} images)")
-            stats = run_config(stack, bench, images, worker_only, upload_threads, timeout_s)
-            stats["bare_ms"] = bare_engine_ms_per_image(config.model_dir, bench.engine, bench.precision,
-                                                        max(1, round(stats["mean_batch"] or 1)))
+            console.print(f"[bold]{bench}[/bold] ({mode}, {count} images"
+                          + (f", offered {rate:.0f}/s" if rate else "") + ")")
+            stats = run_config(stack, bench, images, mode, upload_threads, rate, timeout_s, extra_env)
+            stack.stop_worker()  # the bare engine gets the machine to itself, as it would in a micro-benchmark
+            batch = max(1, round(stats["mean_batch"] or 1))
+            stats["bare_ms"] = bare_engine_ms_per_image(config.model_dir, bench.engine, bench.precision, batch)
+            stats["overhead"] = engine_overhead(config.model_dir, bench.engine, bench.precision, batch)
+            stats["bottleneck"] = bottleneck(stats)
             rows.append((bench, stats))
     finally:
         stack.down()
-    table = Table(title=f"{'Worker alone, pre-filled backlog' if worker_only else 'Pipeline, upload -> row'}: "
-                        f"{count} images per configuration (ms unless noted)")
-    for column in ("engine", "prec", "batch", "pipes", "rows", "img/s", "e2e p50", "e2e p95", "e2e p99",
-                   "worker p50", "infer/img", "bare/img", "ratio", "download", "decode", "bottleneck"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for bench, s in rows:
-        table.add_row(bench.engine, bench.precision, str(bench.batch_size), str(bench.pipelines),
-                      f"{s['done']}/{s['uploaded']}", f"{s['images_per_s']:.0f}", f"{s['e2e_p50_ms']:.0f}",
-                      f"{s['e2e_p95_ms']:.0f}", f"{s['e2e_p99_ms']:.0f}", f"{s['worker_p50_ms']:.0f}",
-                      f"{s['inference_p50_ms']:.2f}", f"{s['bare_ms']:.2f}",
-                      f"{s['inference_p50_ms'] / s['bare_ms']:.2f}", f"{s['download_ms']:.1f}",
-                      f"{s['preprocess_ms']:.1f}", bottleneck(s, worker_only))
-    console.print(table)
+    title = ("Worker alone, pre-filled backlog" if worker_only else "Pipeline, upload -> row") + \
+        f": {count} images per configuration" + (f", offered {rate:.0f}/s" if rate else "") + " (ms unless noted)"
+    console.print(results_table(rows, title))
+    console.print(cpu_table(rows))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_file = out_dir / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file.write_text(json.dumps([{"config": asdict(bench), **stats} for bench, stats in rows], indent=2,
+                                   default=str))
+    console.print(f"written {out_file}; plots and SQL tables of these runs: "
+                  f"make report REPORT_ARGS='--run-dir {config.run_dir} --run-prefix bench-'")
     if any(s["done"] < s["uploaded"] for _, s in rows):
         raise SystemExit("some images have no row: see .run/logs")
 

@@ -56,20 +56,32 @@ SELECT
 """
 
 
+# Raw counts are cheap; the de-duplicated views scan and rank every row (on the local emulator
+# ~0.9 s of CPU at 40k rows), so they are asked only to confirm.
+RAW_COUNT_SQL = """
+SELECT
+  (SELECT COUNT(*) FROM `${project}.${dataset}.results` WHERE run_id = @run_id) AS results,
+  (SELECT COUNT(*) FROM `${project}.${dataset}.errors` WHERE run_id = @run_id) AS errors
+"""
+
+
 def wait_for_rows(config: StackConfig, run_id: str, expected: int, timeout_s: float, console: Console,
                   poll_s: float = 0.5) -> dict:
+    """Distinct uploads of the run with a row ({"results": n, "errors": m}), once all are there or at the timeout."""
     deadline = time.monotonic() + timeout_s
     counts = {"results": 0, "errors": 0}
     with Progress(TextColumn("rows in BigQuery"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("rows", total=expected)
         while time.monotonic() < deadline:
-            counts = bigquery_rows(config, COUNT_SQL, {"run_id": run_id})[0]
-            progress.update(task, completed=counts["results"] + counts["errors"])
-            if counts["results"] + counts["errors"] >= expected:
-                return counts
+            raw = bigquery_rows(config, RAW_COUNT_SQL, {"run_id": run_id})[0]
+            progress.update(task, completed=min(expected, raw["results"] + raw["errors"]))
+            if raw["results"] + raw["errors"] >= expected:
+                counts = bigquery_rows(config, COUNT_SQL, {"run_id": run_id})[0]
+                if counts["results"] + counts["errors"] >= expected:
+                    return counts
             time.sleep(poll_s)
-    return counts
+    return bigquery_rows(config, COUNT_SQL, {"run_id": run_id})[0]
 
 
 def summary_table(rows: list[dict], title: str) -> Table:

@@ -198,3 +198,58 @@ def test_the_last_delivery_attempt_turns_a_transient_failure_into_an_error_row(p
     assert rec.nacked == ["a.png"] and rec.acked == ["b.png"]
     [row] = sink.tables["p.d.errors"]
     assert row["reason"] == "retries_exhausted" and "read timed out" not in row["message"] and "5" in row["message"]
+
+
+class SlowFetcher(FakeFetcher):
+    """Each download takes a known time, so stage timings have something to add up."""
+
+    def fetch(self, job):
+        time.sleep(0.02 if job.name == "slow.png" else 0.005)
+        return super().fetch(job)
+
+
+class SlowEngine(FakeEngine):
+    def infer(self, batch):
+        time.sleep(0.03)
+        return super().infer(batch)
+
+
+def test_each_rows_stages_add_up_to_its_total_and_the_batch_row_carries_the_sink_time(pool):
+    rec, sink = Recorder(), FakeSink()
+    reports = []
+    batch_runner = BatchRunner(
+        engine=SlowEngine(), manifest=MANIFEST,
+        fetcher=SlowFetcher({"slow.png": png_bytes(1), "fast.png": png_bytes(2), "x.png": png_bytes(3)}),
+        sink=sink, tables=Tables("p.d.results", "p.d.errors", batches="p.d.batches"), limits=DecodeLimits(),
+        machine_row={"worker_host": "h"}, sample_system=lambda: {"cpu_percent": 1.0}, io_pool=pool,
+        observers=[reports.append])
+    time.sleep(0.01)  # some queueing before the batch starts
+    report = batch_runner.run([rec.delivery("slow.png"), rec.delivery("fast.png"), rec.delivery("x.png")])
+
+    rows = sink.tables["p.d.results"]
+    assert len(rows) == 3 and reports == [report] and report.result_rows == rows
+    for row in rows:
+        stages = (row["queue_ms"] + row["download_ms"] + row["preprocess_ms"] + row["batch_wait_ms"]
+                  + row["batch_inference_ms"])
+        assert row["total_ms"] >= 40.0
+        assert abs(stages - row["total_ms"]) <= 0.05 * row["total_ms"], row
+        assert row["batch_id"] == report.batch_id
+    by_name = {row["object_name"]: row for row in rows}
+    # The fast image waited for the slow one: that wait is its batch_wait, not its download.
+    assert by_name["fast.png"]["batch_wait_ms"] > by_name["slow.png"]["batch_wait_ms"] + 5
+    assert by_name["fast.png"]["inference_ms"] == pytest.approx(by_name["fast.png"]["batch_inference_ms"] / 3)
+    [batch_row] = sink.tables["p.d.batches"]
+    assert (batch_row["batch_id"], batch_row["images"], batch_row["results"]) == (report.batch_id, 3, 3)
+    assert batch_row["sink_ms"] == report.sink_ms and batch_row["inference_ms"] >= 30.0
+
+
+def test_an_observer_that_raises_costs_no_row(pool):
+    rec, sink = Recorder(), FakeSink()
+
+    def broken(_report):
+        raise RuntimeError("metrics backend down")
+
+    batch_runner = runner(pool, {"a.png": png_bytes(1)}, sink=sink)
+    batch_runner.add_observer(broken)
+    report = batch_runner.run([rec.delivery("a.png")])
+    assert report.results == 1 and rec.acked == ["a.png"]

@@ -43,6 +43,23 @@ def test_uploaded_images_become_one_row_each_with_the_right_label(stack):
         assert row["download_ms"] is not None and row["preprocess_ms"] is not None
         assert row["function_to_worker_ms"] is not None and row["worker_host"]
         assert row["processed_at"] >= row["received_at"]
+        stages = sum(row[stage] for stage in ("queue_ms", "download_ms", "preprocess_ms", "batch_wait_ms",
+                                              "batch_inference_ms"))
+        assert abs(stages - row["total_ms"]) <= 0.05 * row["total_ms"], (stages, row)
+        assert isinstance(row["memory_available_bytes"], int) and isinstance(row["cpu_percent"], float)
+    # Batch rows (the sink's time) are written after the results, off the critical path.
+    deadline = time.monotonic() + 15
+    while True:
+        batches = bigquery_rows(stack.config, "SELECT batch_id, images, results, sink_ms FROM "
+                                              "`${project}.${dataset}.batches`", {})
+        by_id = {batch["batch_id"]: batch for batch in batches}
+        if {row["batch_id"] for row in results} <= set(by_id) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for batch_id in {row["batch_id"] for row in results}:
+        batch = by_id[batch_id]
+        assert batch["sink_ms"] > 0 and batch["results"] == batch["images"] >= 1
+        assert sum(1 for row in results if row["batch_id"] == batch_id) <= batch["images"]
 
 
 def test_a_non_image_upload_ends_as_one_error_row_with_a_reason(stack):

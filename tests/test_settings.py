@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from worker.settings import SettingsError, WorkerSettings
@@ -32,3 +34,19 @@ def test_settings_come_from_the_environment_with_typed_values(model_dir):
 def test_bad_settings_stop_with_a_message_naming_the_variable(model_dir, changes, named):
     with pytest.raises(SettingsError, match=named):
         WorkerSettings.from_env(env(**changes))
+
+
+def test_worker_run_with_a_model_that_fails_to_load_ends_in_one_line_naming_it(tmp_path):
+    import subprocess
+    import sys
+
+    broken = tmp_path / "demo" / "1"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text('{"name": "demo", "version": "1", "files": {"missing.bin": "00"}}')
+    env = {"PATH": "/usr/bin:/bin", "WORKER_PROJECT": "p", "WORKER_SUBSCRIPTION": "s",
+           "WORKER_RESULTS_TABLE": "p.d.results", "WORKER_ERRORS_TABLE": "p.d.errors", "WORKER_MODEL_URI": str(broken)}
+    completed = subprocess.run([sys.executable, "-m", "worker", "run"], env=env, capture_output=True, text=True,
+                               timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert completed.returncode == 2, completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert completed.stderr.startswith("worker: cannot load the model:") and str(broken) in completed.stderr

@@ -1,8 +1,10 @@
-"""`python -m worker run`: load the model once, then pull jobs until SIGTERM."""
+"""`python -m worker run`: load the model once, then pull jobs until SIGTERM.
+`python -m worker serve`: the same behind the HTTP face (worker/http/), one model for both."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,10 +16,10 @@ import click
 from worker import clients, logs
 from worker.batch import BatchRunner, Tables
 from worker.engines import TFServingOptions, create_engine
-from worker.gcs import GcsFetcher
-from worker.models import locate_model
-from worker.settings import SettingsError, WorkerSettings
-from worker.sink import BigQuerySink
+from worker.gcs import GcsFetcher, authorized_http
+from worker.models import ModelLocationError, locate_model
+from worker.settings import HttpSettings, SettingsError, WorkerSettings
+from worker.sink import BigQuerySink, CoalescingSink
 from worker.subscriber import PullWorker
 from worker.sysinfo import SystemSampler, machine_facts
 
@@ -34,7 +36,8 @@ def build_runner(settings: WorkerSettings, io_pool: ThreadPoolExecutor, web_fram
                  "downloaded and verified" if model.downloaded else "verified", (time.perf_counter() - started) * 1000)
     tfserving = TFServingOptions(url=settings.tfserving_url, protocol=settings.tfserving_protocol,
                                  model_name=settings.tfserving_model_name, timeout_s=settings.tfserving_timeout_s)
-    engine = create_engine(settings.engine, settings.precision, model.path, manifest, tfserving=tfserving)
+    engine = create_engine(settings.engine, settings.precision, model.path, manifest, tfserving=tfserving,
+                           threads=settings.engine_threads)
     started = time.perf_counter()
     engine.load()
     engine.warmup()
@@ -44,8 +47,11 @@ def build_runner(settings: WorkerSettings, io_pool: ThreadPoolExecutor, web_fram
     return BatchRunner(
         engine=engine,
         manifest=manifest,
-        fetcher=GcsFetcher(clients.storage_client(settings.project), settings.download_timeout_s),
-        sink=BigQuerySink(clients.bigquery_client(settings.project), settings.insert_timeout_s),
+        fetcher=GcsFetcher(*authorized_http(pool_size=settings.download_threads), settings.download_timeout_s),
+        sink=CoalescingSink(BigQuerySink(clients.bigquery_client(settings.project), settings.insert_timeout_s),
+                            max_rows=settings.sink_max_rows, linger_s=settings.sink_linger_ms / 1000.0,
+                            # Batch rows are diagnostics nobody waits on: gather a second's worth.
+                            linger_by_table={settings.batches_table: 1.0} if settings.batches_table else None),
         tables=Tables(results=settings.results_table, errors=settings.errors_table,
                       batches=settings.batches_table or None),
         limits=settings.decode_limits,
@@ -54,6 +60,19 @@ def build_runner(settings: WorkerSettings, io_pool: ThreadPoolExecutor, web_fram
         io_pool=io_pool,
         web_framework=web_framework,
         max_delivery_attempts=settings.max_delivery_attempts,
+    )
+
+
+def build_puller(settings: WorkerSettings, runner: BatchRunner) -> PullWorker:
+    """The streaming pull of WORKER_SUBSCRIPTION into runner (not started)."""
+    return PullWorker(
+        subscriber=clients.subscriber_client(),
+        subscription_path=settings.subscription_path,
+        runner=runner,
+        batch_size=settings.batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+        max_outstanding_messages=settings.max_outstanding_messages,
+        pipelines=settings.pipelines,
     )
 
 
@@ -72,18 +91,18 @@ def run(log_level: str) -> None:
     except SettingsError as exc:
         click.echo(f"worker: {exc}", err=True)
         sys.exit(2)
+    if not settings.pull:
+        click.echo("worker: WORKER_PULL=false: `run` only pulls; `serve` takes push deliveries", err=True)
+        sys.exit(2)
 
     io_pool = ThreadPoolExecutor(max_workers=settings.download_threads, thread_name_prefix="io")
-    runner = build_runner(settings, io_pool)
-    pull = PullWorker(
-        subscriber=clients.subscriber_client(),
-        subscription_path=settings.subscription_path,
-        runner=runner,
-        batch_size=settings.batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
-        max_outstanding_messages=settings.max_outstanding_messages,
-        pipelines=settings.pipelines,
-    )
+    try:
+        runner = build_runner(settings, io_pool)
+    except (ModelLocationError, FileNotFoundError, ValueError) as exc:
+        # A wrong model location or a model without the asked-for form: the operator's to fix.
+        click.echo(f"worker: cannot load the model: {exc}", err=True)
+        sys.exit(2)
+    pull = build_puller(settings, runner)
     stop_requested = threading.Event()
 
     def request_stop(signum, _frame):
@@ -107,6 +126,24 @@ def run(log_level: str) -> None:
     pull.stop(settings.shutdown_timeout_s)
     io_pool.shutdown(wait=False, cancel_futures=True)
     _LOGGER.info("processed %d jobs", pull.processed)
+
+
+@cli.command()
+@click.option("--log-level", envvar="WORKER_LOG_LEVEL", default="INFO", show_default=True)
+def serve(log_level: str) -> None:
+    """The HTTP face under gunicorn (health, /classify, Pub/Sub push, /metrics) on WORKER_HTTP_PORT,
+    pulling from WORKER_SUBSCRIPTION in the same process unless WORKER_PULL=false."""
+    logs.configure(log_level)
+    try:
+        WorkerSettings.from_env()
+        HttpSettings.from_env()
+    except SettingsError as exc:
+        click.echo(f"worker: {exc}", err=True)
+        sys.exit(2)
+    from worker.http.server import run_gunicorn
+
+    os.environ["WORKER_LOG_LEVEL"] = log_level  # the app is built in the gunicorn worker, from the environment
+    sys.exit(run_gunicorn())
 
 
 if __name__ == "__main__":

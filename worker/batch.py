@@ -6,6 +6,7 @@ sink) are passed in, so unit tests use in-memory fakes and system tests the real
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -53,6 +54,7 @@ class Delivery:
     received_monotonic: float
     ack: Callable[[], None]
     nack: Callable[[], None]
+    web_framework: str | None = None  # the HTTP server a push came through; None for pull
 
 
 @dataclass
@@ -165,6 +167,9 @@ class BatchRunner:
         self._recent = recent_keys if recent_keys is not None else RecentKeys()
         self._cold = True
         self._observers = list(observers or [])
+        # In-process engines already spread one call over every core; two calls at once only
+        # fight over them and inflate each other's timings. A remote engine may overlap calls.
+        self._engine_lock = threading.Lock() if getattr(engine, "serialize_calls", True) else None
 
     def add_observer(self, observer: Callable[[BatchReport], None]) -> None:
         self._observers.append(observer)
@@ -172,6 +177,19 @@ class BatchRunner:
     @property
     def engine_info(self):
         return self._info
+
+    @property
+    def engine(self) -> Engine:
+        """The runner's engine, its calls taking turns with the batches' (see _engine_lock)."""
+        return _TakingTurns(self._engine, self._engine_lock) if self._engine_lock else self._engine
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
 
     @property
     def model_name(self) -> str:
@@ -184,6 +202,9 @@ class BatchRunner:
     def run(self, deliveries: list[Delivery]) -> BatchReport:
         batch_started = time.monotonic()
         report = BatchReport(batch_id=uuid.uuid4().hex)
+        # Sampled per batch (psutil takes a millisecond or two): here it counts as batch wait, so
+        # nothing unmeasured sits between the engine call and the insert.
+        system = self._sample_system()
         items = self._unique_items(deliveries, report)
         list(self._pool.map(self._fetch_and_decode, [item for item in items if item.job and not item.error]))
         fetched = time.monotonic()
@@ -193,7 +214,6 @@ class BatchRunner:
         if logits is None:
             ready = []
 
-        system = self._sample_system()
         processed_at = dt.datetime.now(dt.timezone.utc)
         timing = _BatchTiming(batch_started, fetched, infer_started, batch_ms)
         result_rows = [
@@ -201,7 +221,9 @@ class BatchRunner:
                              report.batch_id)
             for item, logit, score in zip(ready, logits if ready else [], sigmoid(logits) if ready else [])
         ]
-        timing.finished = time.monotonic()
+        # The rows are complete when the engine returns; building the dicts is bookkeeping that, on a
+        # busy interpreter, can wait for the GIL long enough to blur the stage sums.
+        timing.finished = infer_started + batch_ms / 1000.0
         for row, item in zip(result_rows, ready):
             row["total_ms"] = (timing.finished - item.delivery.received_monotonic) * 1000.0
         if ready:
@@ -257,12 +279,15 @@ class BatchRunner:
             "processed_at": processed_at.isoformat(),
             **system,
         }
-        self._pool.submit(self._insert_batch_row, row)
+        def written(outcome) -> None:
+            if not outcome.ok:
+                _LOGGER.warning("batch row %s not written: %s", row["batch_id"], outcome.failed)
 
-    def _insert_batch_row(self, row: dict) -> None:
-        outcome = self._sink.insert(self._tables.batches, [row])
-        if not outcome.ok:
-            _LOGGER.warning("batch row %s not written: %s", row["batch_id"], outcome.failed)
+        submit = getattr(self._sink, "submit", None)
+        if submit is not None:
+            submit(self._tables.batches, [row], written)
+        else:
+            written(self._sink.insert(self._tables.batches, [row]))
 
     def _unique_items(self, deliveries: list[Delivery], report: BatchReport) -> list[_Item]:
         """Parse jobs; fold copies of one event key into one item; ack keys already written."""
@@ -293,16 +318,17 @@ class BatchRunner:
         if not ready:
             return np.empty(0, dtype=np.float32), 0.0, time.monotonic()
         batch = np.stack([item.pixels for item in ready])
-        started_monotonic = time.monotonic()
-        started = time.perf_counter()
-        try:
-            logits = self._engine.infer(batch)
-        except Exception as exc:  # an engine fault is ours, not the image's: retry
-            _LOGGER.exception("inference failed for a batch of %d", len(ready))
-            for item in ready:
-                item.transient = f"inference failed: {exc}"
-            return None, 0.0, started_monotonic
-        return logits, (time.perf_counter() - started) * 1000.0, started_monotonic
+        with self._engine_lock or contextlib.nullcontext():
+            started_monotonic = time.monotonic()
+            started = time.perf_counter()
+            try:
+                logits = self._engine.infer(batch)
+            except Exception as exc:  # an engine fault is ours, not the image's: retry
+                _LOGGER.exception("inference failed for a batch of %d", len(ready))
+                for item in ready:
+                    item.transient = f"inference failed: {exc}"
+                return None, 0.0, started_monotonic
+            return logits, (time.perf_counter() - started) * 1000.0, started_monotonic
 
     def _give_up_on_last_attempt(self, items: list[_Item]) -> None:
         """On the subscription's last delivery attempt a transient failure becomes an error row,
@@ -400,7 +426,7 @@ class BatchRunner:
             "end_to_end_ms": ms_between(job.time_created, processed_at),
             "cold": self._cold,
             **self._machine_row,
-            "web_framework": self._web_framework,
+            "web_framework": delivery.web_framework or self._web_framework,
             **system,
             "message_id": delivery.message_id,
             "delivery_attempt": delivery.delivery_attempt,
@@ -434,6 +460,20 @@ class BatchRunner:
             "message_id": item.delivery.message_id,
             "failed_at": failed_at.isoformat(),
         }
+
+
+class _TakingTurns:
+    """An engine whose infer() holds a lock shared with other callers (HTTP /classify and batches)."""
+
+    def __init__(self, engine: Engine, lock: threading.Lock):
+        self._engine, self._lock = engine, lock
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._engine.infer(batch)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
 
 
 @dataclass

@@ -23,9 +23,12 @@ TFSERVING_PROTOCOLS = ("rest", "grpc")
 @dataclass(frozen=True)
 class WorkerSettings:
     project: str
-    subscription: str
     results_table: str
     errors_table: str
+    # Required while pull is on (`run`, and `serve` unless WORKER_PULL=false).
+    subscription: str = ""
+    # `serve` only: pull jobs in the same process as the HTTP face (one model for both).
+    pull: bool = True
     batches_table: str = ""  # empty: batch rows (sink time) are not written
     # The model version: WORKER_MODEL_URI (local dir or gs://BUCKET/models/NAME[/VERSION], see
     # worker/models.py) or WORKER_MODEL_DIR (a local version directory; the older name). One of them.
@@ -34,11 +37,15 @@ class WorkerSettings:
     model_cache_dir: Path = Path(tempfile.gettempdir()) / "worker-model-cache"
     engine: str = "openvino"
     precision: str = "f32"
+    engine_threads: int = 0  # OpenVINO INFERENCE_NUM_THREADS; 0: every core
     batch_size: int = 32
     batch_wait_ms: float = 10.0
     max_outstanding_messages: int = 256
     download_threads: int = 8
-    pipelines: int = 2
+    pipelines: int = 4
+    # Inserts of concurrent batches are merged (group commit) up to this many rows a request.
+    sink_max_rows: int = 500
+    sink_linger_ms: float = 0.0
     max_image_bytes: int = DEFAULT_MAX_BYTES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     download_timeout_s: float = 30.0
@@ -70,15 +77,9 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "WorkerSettings":
         """Build from WORKER_* variables (and GOOGLE_CLOUD_PROJECT). Raises SettingsError."""
-        values: dict[str, object] = {}
-        for field in fields(cls):
-            name = f"WORKER_{field.name.upper()}"
-            raw = env.get(name)
-            if field.name == "project":
-                raw = raw or env.get("GOOGLE_CLOUD_PROJECT")
-            if raw is None or raw == "":
-                continue
-            values[field.name] = _convert(name, raw, field.type)
+        values = _values_from_env(cls, "WORKER_", env)
+        if "project" not in values and env.get("GOOGLE_CLOUD_PROJECT"):
+            values["project"] = env["GOOGLE_CLOUD_PROJECT"]
         required = [f.name for f in fields(cls) if f.default is MISSING]
         missing = [f"WORKER_{name.upper()}" for name in required if name not in values]
         if missing:
@@ -88,11 +89,14 @@ class WorkerSettings:
         return settings
 
     def validate(self) -> None:
+        if self.pull and not self.subscription:
+            raise SettingsError("missing settings: WORKER_SUBSCRIPTION (the pull subscription; "
+                                "`serve` with WORKER_PULL=false takes push deliveries only and needs none)")
         if self.engine not in ENGINES:
             raise SettingsError(f"WORKER_ENGINE={self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.precision not in PRECISIONS:
             raise SettingsError(f"WORKER_PRECISION={self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "max_outstanding_messages", "download_threads", "pipelines",
+        for name in ("batch_size", "max_outstanding_messages", "download_threads", "pipelines", "sink_max_rows",
                      "max_image_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"WORKER_{name.upper()}={getattr(self, name)} must be >= 1")
@@ -135,8 +139,69 @@ class WorkerSettings:
                 )
 
 
+GOOGLE_OAUTH2_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP face (`python -m worker serve`), from WORKER_HTTP_* variables; see worker/http/."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # gunicorn gthread request threads of the one worker process (see worker/http/gunicorn_conf.py).
+    threads: int = 8
+    timeout_s: float = 60.0
+    # SIGTERM -> finish requests and pulled batches; below the container's stop timeout (30 s).
+    graceful_timeout_s: float = 25.0
+    keepalive_s: float = 5.0
+    # Pub/Sub push: with an audience set, every push must carry a Google-signed OIDC token for it,
+    # issued to the service account named here (when set).
+    push_audience: str = ""
+    push_service_account: str = ""
+    push_certs_url: str = GOOGLE_OAUTH2_CERTS_URL
+    # How long a push request waits for its row; then 503 and Pub/Sub delivers it again.
+    push_wait_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "HttpSettings":
+        settings = cls(**_values_from_env(cls, "WORKER_HTTP_", env))  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"WORKER_HTTP_PORT={self.port} is not a TCP port (1-65535)")
+        for name in ("threads", "timeout_s", "graceful_timeout_s", "keepalive_s", "push_wait_s"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"WORKER_HTTP_{name.upper()}={getattr(self, name)} must be > 0")
+        if self.push_service_account and not self.push_audience:
+            raise SettingsError("WORKER_HTTP_PUSH_SERVICE_ACCOUNT is set but WORKER_HTTP_PUSH_AUDIENCE is not: "
+                                "set the audience the push subscription's OIDC tokens are issued for")
+        if not self.push_certs_url.startswith(("https://", "http://")):
+            raise SettingsError(f"WORKER_HTTP_PUSH_CERTS_URL={self.push_certs_url!r} is not an http(s) URL")
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _values_from_env(cls, prefix: str, env: Mapping[str, str]) -> dict[str, object]:
+    """PREFIX<FIELD> variables of a settings dataclass, converted to the fields' types."""
+    values: dict[str, object] = {}
+    for field in fields(cls):
+        name = f"{prefix}{field.name.upper()}"
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        values[field.name] = _convert(name, raw, field.type)
+    return values
+
+
 def _convert(name: str, raw: str, annotation: object) -> object:
     kind = str(annotation)
+    if kind == "bool":
+        if raw.strip().lower() in _TRUE + _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise SettingsError(f"{name}={raw!r} is not true or false")
     try:
         if kind == "int":
             return int(raw)

@@ -31,7 +31,7 @@ class TFServingOptions:
 
 
 def create_engine(engine: str, precision: str, model_dir: Path, manifest: dict,
-                  tfserving: TFServingOptions | None = None) -> Engine:
+                  tfserving: TFServingOptions | None = None, threads: int = 0) -> Engine:
     if engine not in ENGINE_PRECISIONS:
         raise ValueError(f"unknown engine {engine!r} (known: {', '.join(ENGINE_PRECISIONS)})")
     if precision not in ENGINE_PRECISIONS[engine]:
@@ -47,7 +47,7 @@ def create_engine(engine: str, precision: str, model_dir: Path, manifest: dict,
             # Never fall back silently to another IR: the row would claim a precision it did not get.
             raise ValueError(f"model {manifest['name']}/{manifest['version']} has no form {form!r} for precision "
                              f"{precision!r} (forms: {', '.join(sorted(forms))}); rebuild it with this modelkit")
-        return OpenVINOEngine(model_dir / forms[form], model_form=form, precision=precision)
+        return OpenVINOEngine(model_dir / forms[form], model_form=form, precision=precision, threads=threads)
     if "saved_model" not in forms:
         raise ValueError(f"model {manifest['name']}/{manifest['version']} has no saved_model form")
     if engine == "tensorflow":

@@ -25,13 +25,15 @@ _RUNTIME_NAMES = {"u8": "int8", "i8": "int8", "f32": "f32", "bf16": "bf16", "f16
 
 
 class OpenVINOEngine:
-    def __init__(self, model_xml: Path, model_form: str, precision: str = "f32", device: str = "CPU"):
+    def __init__(self, model_xml: Path, model_form: str, precision: str = "f32", device: str = "CPU",
+                 threads: int = 0):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.model_xml = Path(model_xml)
         self.model_form = model_form
         self.precision = precision
         self.device = device
+        self.threads = threads  # 0: the plugin's choice (every core)
         self._compiled = None
         self._logits_output = None
         self._local = threading.local()
@@ -48,6 +50,10 @@ class OpenVINOEngine:
         if hint:
             # Must be given at compile time: set afterwards it has no effect (a fault of the seed).
             config["INFERENCE_PRECISION_HINT"] = hint
+        if self.threads:
+            # On a machine shared with other busy processes, a call spread over every core waits
+            # for its slowest thread; fewer threads can be faster there.
+            config["INFERENCE_NUM_THREADS"] = str(self.threads)
         self._compiled = core.compile_model(core.read_model(self.model_xml), self.device, config)
         self._logits_output = _find_output(self._compiled, "logits")
         self._info = EngineInfo(

@@ -44,6 +44,9 @@ class TFServingError(RuntimeError):
 
 
 class TFServingEngine:
+    # The model runs in another process (or machine): overlapping calls hide the network round trip.
+    serialize_calls = False
+
     def __init__(self, url: str, model_name: str, model_version: int | None, protocol: str = "rest",
                  timeout_s: float = 10.0, model_form: str = "saved_model"):
         if protocol not in PROTOCOLS:
