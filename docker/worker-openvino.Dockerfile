@@ -1,4 +1,5 @@
-# The worker with OpenVINO only (no TensorFlow): `python -m worker run` pulls jobs until SIGTERM.
+# The worker with OpenVINO only (no TensorFlow): `python -m worker serve` pulls jobs until SIGTERM
+# and serves /healthz, /readyz, /classify, /pubsub/push and /metrics on 8080 (worker/http/).
 #
 # Build from the repository root after `make model` (the demo model is baked in):
 #   docker build -f docker/worker-openvino.Dockerfile -t worker-openvino .
@@ -33,9 +34,12 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     WORKER_ENGINE=openvino \
     WORKER_MODEL_DIR=/models/demo/1
 USER 10001:10001
-# GET /healthz on 8080 is the worker's HTTP face (health for the instance group and compose).
+# GET /healthz on 8080: liveness (the instance group's autohealing uses it too); compose waits on
+# /readyz (model warm, pull stream up, BigQuery reachable).
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 ENTRYPOINT ["python", "-m", "worker"]
-CMD ["run"]
+# gunicorn with the HTTP face on 8080, pulling in the same process (WORKER_PULL=false: push only).
+# `run` is the pull loop alone, without HTTP.
+CMD ["serve"]

@@ -38,4 +38,6 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 ENTRYPOINT ["python", "-m", "worker"]
-CMD ["run"]
+# gunicorn with the HTTP face on 8080, pulling in the same process (WORKER_PULL=false: push only).
+# `run` is the pull loop alone, without HTTP.
+CMD ["serve"]

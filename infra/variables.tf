@@ -291,7 +291,7 @@ variable "autoscaler_cooldown_s" {
 }
 
 variable "enable_autohealing" {
-  description = "Recreate workers whose GET /healthz on port 8080 fails. The endpoint belongs to the worker's HTTP face: deploy an image that serves it, or set this false."
+  description = "Recreate workers whose GET /healthz on port 8080 fails: liveness of the worker's HTTP face (python -m worker serve, the image's default command). /readyz is not used here, so a BigQuery outage does not recreate VMs."
   type        = bool
   default     = true
 }

@@ -265,11 +265,12 @@ def test_worker_images_run_the_worker_cli(name):
     parsed = dockerfile(name)
     entrypoint = parsed.final("ENTRYPOINT")[-1].exec_form()
     command = parsed.final("CMD")[-1].exec_form()
-    assert entrypoint == ["python", "-m", "worker"] and command == ["run"]
+    # serve: the HTTP face on 8080 (health checks) with pull in the same process; run: pull only.
+    assert entrypoint == ["python", "-m", "worker"] and command == ["serve"]
     assert_module_in_image(parsed, "worker")
     from worker.__main__ import cli
 
-    assert "run" in cli.commands
+    assert {"run", "serve"} <= set(cli.commands)
     env = parsed.env()
     from worker.settings import ENGINES
 

@@ -1,0 +1,195 @@
+"""One model per process: loaded once, in the background, then shared by /classify, push and pull.
+
+The model loads in a thread of the gunicorn worker process (never in the master before the fork:
+OpenVINO's and TensorFlow's thread pools and gRPC channels do not survive fork), so /healthz
+answers at once and /readyz says "loading" until the model is warmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from worker.batch import BatchReport, BatchRunner, Delivery, Sink
+from worker.http.batcher import MicroBatcher
+from worker.http.classify import Classification, Classifier
+from worker.preprocess import DecodeLimits
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """The model is not loaded (yet, or it failed): answer 503."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    runner: BatchRunner
+    class_names: list[str]
+    threshold: float
+
+
+class Puller(Protocol):
+    @property
+    def healthy(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    limits: DecodeLimits
+    results_table: str
+    batch_size: int = 32
+    batch_wait_s: float = 0.01
+    pipelines: int = 2
+    web_framework: str = ""
+
+
+def _nothing(*_args) -> None:
+    pass
+
+
+class InferenceService:
+    def __init__(self, load: Callable[[], LoadedModel], options: ServiceOptions, *, record_sink: Sink,
+                 sink_check: Callable[[], str], machine_row: dict, sample_system: Callable[[], dict],
+                 make_puller: Callable[[BatchRunner], Puller] | None = None, on_ready: Callable[[], None] = _nothing,
+                 on_load_failed: Callable[[Exception], None] = _nothing, on_pull_ended: Callable[[], None] = _nothing):
+        self.options = options
+        self.machine_row = machine_row
+        self.sample_system = sample_system
+        self._load_model = load
+        self._record_sink = record_sink
+        self._sink_check = sink_check
+        self._make_puller = make_puller
+        self._on_ready = on_ready
+        # The process cannot serve without a model, nor pull without a stream: these decide what to do.
+        self._on_load_failed = on_load_failed
+        self._on_pull_ended = on_pull_ended
+        self._batch_observers: list[Callable[[BatchReport], None]] = []
+        self._classify_observers: list[Callable[[int, float], None]] = []
+        self._state = "loading"
+        self._stopping = threading.Event()
+        self.runner: BatchRunner | None = None
+        self._classifier: Classifier | None = None
+        self._push: MicroBatcher | None = None
+        self.puller: Puller | None = None
+
+    def add_batch_observer(self, observer: Callable[[BatchReport], None]) -> None:
+        """Called after every pipeline batch (pull and push); register before start()."""
+        self._batch_observers.append(observer)
+
+    def add_classify_observer(self, observer: Callable[[int, float], None]) -> None:
+        """Called with (images, engine call ms) after every /classify engine call."""
+        self._classify_observers.append(observer)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load, name="model-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self) -> None:
+        try:
+            loaded = self._load_model()
+            runner = loaded.runner
+            for observer in self._batch_observers:
+                runner.add_observer(observer)
+            options = self.options
+            # One engine call at a time: OpenVINO and TensorFlow use every core for one call, so
+            # concurrent requests wait for the running call and then go together as the next batch.
+            self._classifier = Classifier(
+                runner.engine, loaded.class_names, loaded.threshold, options.limits, max_batch=options.batch_size,
+                pipelines=1, on_batch=self._classify_batch_done)
+            self._push = MicroBatcher(self._run_push, max_batch=options.batch_size, max_wait_s=options.batch_wait_s,
+                                      pipelines=options.pipelines, name="push")
+            self.runner = runner
+            if self._make_puller is not None:
+                self.puller = self._make_puller(runner)
+                self.puller.start()
+                threading.Thread(target=self._watch_pull, name="pull-watch", daemon=True).start()
+            self._state = "ready"
+        except Exception as exc:
+            _LOGGER.exception("the model did not load")
+            self._state = f"failed: {exc}"
+            self._on_load_failed(exc)
+            return
+        _LOGGER.info("ready: %s/%s on %s", runner.model_name, runner.model_version, runner.engine_info.name)
+        self._on_ready()
+
+    def _watch_pull(self) -> None:
+        while not self._stopping.wait(1.0):
+            if not self.puller.healthy:
+                _LOGGER.error("the pull stream ended; stopping this worker process so it is restarted")
+                self._on_pull_ended()
+                return
+
+    def _classify_batch_done(self, images: int, inference_ms: float) -> None:
+        for observer in self._classify_observers:
+            observer(images, inference_ms)
+
+    def _run_push(self, deliveries: list[Delivery]) -> list[BatchReport]:
+        try:
+            report = self.runner.run(deliveries)
+        except Exception:
+            for delivery in deliveries:  # a bug in one batch must not lose the messages: Pub/Sub redelivers
+                delivery.nack()
+            raise
+        return [report] * len(deliveries)
+
+    @property
+    def ready(self) -> bool:
+        return self._state == "ready"
+
+    @property
+    def failed(self) -> bool:
+        return self._state.startswith("failed")
+
+    def readiness(self) -> dict[str, str]:
+        """Check -> "ok" (or "disabled") or why not; ready when every check passes."""
+        if self._make_puller is None:
+            pull = "disabled"
+        elif self.puller is None:
+            pull = "not started"
+        else:
+            pull = "ok" if self.puller.healthy else "the pull stream ended"
+        return {"model": "ok" if self.ready else self._state, "pull": pull, "sink": self._sink_check()}
+
+    def model_facts(self) -> dict:
+        runner = self._ready_runner()
+        info = runner.engine_info
+        return {"model_name": runner.model_name, "model_version": runner.model_version,
+                "model_form": info.model_form, "engine": info.name, "engine_version": info.version,
+                "device": info.device, "precision": info.precision, "web_framework": self.options.web_framework}
+
+    def classify(self, data: bytes, received_monotonic: float) -> Classification:
+        self._ready_runner()
+        return self._classifier.classify(data, received_monotonic)
+
+    def record(self, row: dict):
+        """Write a /classify row to the results table; returns the sink's InsertOutcome."""
+        return self._record_sink.insert(self.options.results_table, [row])
+
+    def push(self, delivery: Delivery) -> Future:
+        """Queue a pushed job for the next batch; the delivery's ack/nack say how it ended."""
+        self._ready_runner()
+        return self._push.submit(delivery)
+
+    def _ready_runner(self) -> BatchRunner:
+        if not self.ready:
+            raise NotReady(f"the model is not ready: {self._state}")
+        return self.runner
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop pulling (queued messages are nacked), finish the batches in flight."""
+        self._stopping.set()
+        self._state = "stopping"
+        if self.puller is not None:
+            self.puller.stop(timeout_s)
+        for batcher in (self._push, self._classifier):
+            if batcher is not None:
+                batcher.stop(timeout_s)
