@@ -1,0 +1,27 @@
+-- The seed's fourth table: mean inference and total time by engine, machine size and web
+-- framework (machine size and 'pull (none)' as in by_engine_machine.sql and by_engine_framework.sql).
+-- Parameters: @run_id STRING (NULL = every run), @run_prefix STRING (NULL = every run).
+-- Columns: engine, precision, environment, logical_cores, memory_gib, web_framework, images,
+--   mean_inference_ms, mean_total_ms, mean_end_to_end_ms.
+WITH selected AS (
+  SELECT
+    * REPLACE (COALESCE(web_framework, 'pull (none)') AS web_framework),
+    ROUND(memory_total_bytes / 1073741824, 1) AS memory_gib
+  FROM `${project}.${dataset}.results_dedup`
+  WHERE (@run_id IS NULL OR run_id = @run_id)
+    AND (@run_prefix IS NULL OR STARTS_WITH(run_id, @run_prefix))
+)
+SELECT
+  engine,
+  precision,
+  environment,
+  logical_cores,
+  memory_gib,
+  web_framework,
+  COUNT(*) AS images,
+  AVG(inference_ms) AS mean_inference_ms,
+  AVG(total_ms) AS mean_total_ms,
+  AVG(end_to_end_ms) AS mean_end_to_end_ms
+FROM selected
+GROUP BY engine, precision, environment, logical_cores, memory_gib, web_framework
+ORDER BY engine, precision, environment, logical_cores, memory_gib, web_framework
