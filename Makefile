@@ -11,8 +11,12 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 BENCH_ARGS ?= --images 2000
+REPORT_ARGS ?=
+LOADTEST_ARGS ?=
+# apt-get as root, else through sudo (make wrk).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install model demo up down status test test-fast bench bench-worker ci-tools lint-infra lock clean
+.PHONY: help install model demo up down status test test-fast bench bench-worker wrk loadtest report chromium ci-tools lint-infra lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -66,10 +70,10 @@ down:  ## stop the local stack
 status:  ## which processes of the local stack run
 	$(PY) -m localcloud status
 
-test: model ci-tools  ## run every test (unit, infra lint, and on the real local stack)
+test: model ci-tools chromium wrk  ## run every test (unit, infra lint, and on the real local stack)
 	REQUIRE_CI_TOOLS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: model ci-tools  ## skip the tests marked slow
+test-fast: model ci-tools chromium wrk  ## skip the tests marked slow
 	REQUIRE_CI_TOOLS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: model  ## pipeline under load on the local stack (BENCH_ARGS="--images 500 --precisions f32")
@@ -77,6 +81,20 @@ bench: model  ## pipeline under load on the local stack (BENCH_ARGS="--images 50
 
 bench-worker: model  ## the worker alone, draining a pre-filled backlog
 	$(PY) -m localcloud.bench --worker-only $(BENCH_ARGS)
+
+wrk:  ## install wrk, the load tool of make loadtest, when it is missing (Debian package)
+	@command -v wrk >/dev/null || $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y wrk \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y wrk; }
+
+loadtest: model wrk  ## POST /classify under load with wrk, per engine (LOADTEST_ARGS="--duration 20 --engines openvino")
+	$(PY) -m localcloud.loadtest $(LOADTEST_ARGS)
+
+report: install  ## tables and build/report/index.html from sql/queries/ (REPORT_ARGS="--run-prefix bench-")
+	$(PY) -m report $(REPORT_ARGS)
+
+chromium:  ## install Debian's chromium when it is missing (the report's browser test renders with it)
+	@command -v chromium >/dev/null || $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y chromium \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y chromium; }
 
 lock:  ## re-pin the whole dependency tree from the current venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock
