@@ -253,3 +253,18 @@ def test_an_observer_that_raises_costs_no_row(pool):
     batch_runner.add_observer(broken)
     report = batch_runner.run([rec.delivery("a.png")])
     assert report.results == 1 and rec.acked == ["a.png"]
+
+
+def test_next_batch_fills_up_to_the_limit_then_stops_waiting():
+    import queue
+
+    from worker.microbatch import next_batch
+
+    source: queue.Queue[int] = queue.Queue()
+    assert next_batch(source, 4, 0.01, first_wait_s=0.01) == []
+    for value in range(6):
+        source.put(value)
+    assert next_batch(source, 4, 1.0) == [0, 1, 2, 3]
+    started = time.monotonic()
+    assert next_batch(source, 4, 0.05) == [4, 5]  # a partial batch after at most max_wait_s
+    assert time.monotonic() - started < 0.5

@@ -13,6 +13,7 @@ from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
 from worker.batch import BatchRunner, Delivery
+from worker.microbatch import next_batch
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,24 +66,9 @@ class PullWorker:
             nack=message.nack,
         ))
 
-    def _next_batch(self) -> list[Delivery]:
-        try:
-            first = self._queue.get(timeout=0.2)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self._batch_wait_s
-        while len(batch) < self._batch_size:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
-
     def _pipeline_loop(self) -> None:
         while not self._stopping.is_set():
-            batch = self._next_batch()
+            batch = next_batch(self._queue, self._batch_size, self._batch_wait_s)
             if not batch:
                 continue
             try:

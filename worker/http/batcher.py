@@ -9,6 +9,8 @@ import time
 from concurrent.futures import Future
 from typing import Callable, Generic, TypeVar
 
+from worker.microbatch import next_batch
+
 _LOGGER = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
@@ -57,23 +59,9 @@ class MicroBatcher(Generic[Item, Result]):
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            batch = self._next_batch()
+            batch = next_batch(self._queue, self._max_batch, self._max_wait_s)
             if batch:
                 self._run(batch)
-
-    def _next_batch(self) -> list[tuple[Item, Future]]:
-        try:
-            batch = [self._queue.get(timeout=0.2)]
-        except queue.Empty:
-            return []
-        deadline = time.monotonic() + self._max_wait_s
-        while len(batch) < self._max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
 
     def _run(self, batch: list[tuple[Item, Future]]) -> None:
         items = [item for item, _ in batch]
