@@ -19,6 +19,16 @@ DEFAULT_OUT = REPO_ROOT / "build" / "report" / "index.html"
 DEFAULT_DATASET = "inference"
 
 
+def default_run_dir(run_dir: Path, say) -> Path:
+    """The stack's run directory; `make bench` keeps its own stack in run_dir/bench, so when only
+    a bench has run (a fresh clone: `make bench` then `make report`), that is the one to read."""
+    bench_dir = run_dir / "bench"
+    if not (run_dir / "stack.json").is_file() and (bench_dir / "stack.json").is_file():
+        say(f"no stack in {run_dir}; reading the last bench's in {bench_dir}")
+        return bench_dir
+    return run_dir
+
+
 @click.command()
 @click.option("--run-id", envvar="REPORT_RUN_ID", help="one run (default: every run)")
 @click.option("--run-prefix", envvar="REPORT_RUN_PREFIX", help="runs whose id starts with this, e.g. bench-")
@@ -32,7 +42,7 @@ DEFAULT_DATASET = "inference"
               help="throughput-over-time bucket in seconds (default: 1 for runs up to 15 min, else 60)")
 @click.option("--screenshot", type=click.Path(dir_okay=False, path_type=Path), envvar="REPORT_SCREENSHOT",
               help="also render the report with headless Chromium into this PNG")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LOCAL_RUN_DIR",
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="the local stack's run directory (default .run; `make bench` keeps its data in .run/bench)")
 @click.option("--quiet", is_flag=True, help="no terminal tables")
 def main(run_id, run_prefix, project, dataset, out, bucket_s, screenshot, run_dir, quiet) -> None:
@@ -43,7 +53,8 @@ def main(run_id, run_prefix, project, dataset, out, bucket_s, screenshot, run_di
         if project:
             target = bigquery_warehouse(project, dataset, os.environ)
         else:
-            target = local_warehouse(run_dir or StackConfig.from_env().run_dir, on_start=console.print)
+            target = local_warehouse(run_dir or default_run_dir(StackConfig.from_env().run_dir, console.print),
+                                     on_start=console.print)
         with target as warehouse:
             warehouse.check()
             with console.status("running queries") as status:

@@ -72,3 +72,11 @@ def test_a_small_bench_run_gets_every_row_and_writes_its_table(tmp_path, mode_ar
     assert run["bottleneck"] and run["cpu_ms_per_image"]["worker"] > 0
     assert 0.5 < run["overhead"]["ratio"] < 2.0
     assert "CPU ms per image" in completed.stdout and "make report" in completed.stdout
+    if mode_args[0] == "--worker-only":
+        return
+    # make report after make bench on a fresh clone: no stack in .run, the bench's own is read.
+    report = subprocess.run([sys.executable, "-m", "report", "--out", str(tmp_path / "report.html"), "--quiet"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "reading the last bench's" in report.stderr and "40 result rows" in report.stderr
+    assert (tmp_path / "report.html").read_text().count('<img class="plot" src="data:image/svg+xml;base64,') == 3

@@ -103,6 +103,41 @@ def test_worker_killed_mid_load_then_restarted_loses_nothing(stack):
         worker.close()
 
 
+def test_sigterm_mid_load_stops_cleanly_and_a_restart_loses_nothing(stack):
+    """The instance group's stop: SIGTERM ends pulling, lets batches in flight finish, returns the
+    queued messages, and exits 0 within WORKER_SHUTDOWN_TIMEOUT_S."""
+    worker = IsolatedWorker(stack, "term", WORKER_SHUTDOWN_TIMEOUT_S="15")
+    worker.start()
+    run_id = new_run_id()
+    items = [(f"{stack.config.prefix}{run_id}/{i}.png", png_bytes(3000 + i, size=64)) for i in range(400)]
+    try:
+        uploader = threading.Thread(target=upload_many, args=(stack, items, run_id))
+        uploader.start()
+        deadline = time.monotonic() + 60
+        while worker.counts(run_id)["results"] < 80 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stopping = worker.process()
+        stopped_at = time.monotonic()
+        os.kill(stopping.pid, signal.SIGTERM)
+        exit_code = stopping.wait(30)
+        took_s = time.monotonic() - stopped_at
+        done_at_stop = worker.counts(run_id)["results"]
+        worker.stack.processes.pid_file(worker.name).unlink(missing_ok=True)
+        uploader.join()
+        worker.start()
+        counts = worker.wait(run_id, len(items), timeout_s=180)
+        report(f"worker SIGTERMed after {done_at_stop} rows (exit {exit_code} in {took_s:.1f} s), restarted",
+               len(items), counts)
+        assert exit_code == 0 and took_s < 15 + 5
+        assert 0 < done_at_stop < len(items), "the stop did not land in the middle of the load"
+        assert (counts["results"], counts["errors"], counts["in_both"]) == (len(items), 0, 0)
+        assert counts["result_rows"] == len(items), "a message finished before the stop was written again"
+        log = stack.processes.log_file(worker.name).read_text()
+        assert "queued messages returned for redelivery" in log
+    finally:
+        worker.close()
+
+
 def test_bigquery_down_for_ten_seconds_mid_load_loses_nothing(stack):
     config = stack.config
     run_id = new_run_id()

@@ -93,26 +93,33 @@ class PullWorker:
         self._stopping.wait(min(MAX_BACKOFF_S, 0.1 * 2 ** self._failures))
 
     def stop(self, timeout_s: float) -> None:
-        """Stop pulling, finish batches in flight, return queued messages, within timeout_s."""
+        """Finish the batches in hand, return what is queued, then close the stream, within timeout_s.
+
+        The stream closes last: the client drops acks sent after it closed, and a batch written but
+        not acked would be delivered again (a second insert the views must hide).
+        """
         deadline = time.monotonic() + timeout_s
-        if self._stream is not None:
-            self._stream.cancel()
-        self._stopping.set()
+        self._stopping.set()  # pipelines take no new batch
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        returned = self._return_queued()
+        if self._stream is not None:
+            self._stream.cancel()
+            returned += self._return_queued()  # arrived while the last batches finished
+            try:
+                self._stream.result(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:
+                pass
+        _LOGGER.info("stopped; %d queued messages returned for redelivery", returned)
+
+    def _return_queued(self) -> int:
         returned = 0
         while True:
             try:
                 self._queue.get_nowait().nack()
                 returned += 1
             except queue.Empty:
-                break
-        if self._stream is not None:
-            try:
-                self._stream.result(timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:
-                pass
-        _LOGGER.info("stopped; %d queued messages returned for redelivery", returned)
+                return returned
 
     def wait(self) -> None:
         """Block until the stream ends (stop() or a terminating error)."""
