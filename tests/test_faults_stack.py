@@ -77,28 +77,39 @@ def test_every_event_delivered_three_times_still_gives_one_row_each(stack):
         stack.processes.start(services.eventarc(config))
 
 
+def interrupt_mid_load(worker: IsolatedWorker, count: int, seed: int, after_rows: int, interrupt) -> dict:
+    """Upload count images, call interrupt(worker process) once after_rows rows exist, restart the
+    worker, and wait for every row. Returns the counts plus what interrupt returned and the rows
+    written before the restart."""
+    stack = worker.stack
+    run_id = new_run_id()
+    items = [(f"{stack.config.prefix}{run_id}/{i}.png", png_bytes(seed + i, size=64)) for i in range(count)]
+    uploader = threading.Thread(target=upload_many, args=(stack, items, run_id))
+    uploader.start()
+    deadline = time.monotonic() + 60
+    while worker.counts(run_id)["results"] < after_rows and time.monotonic() < deadline:
+        time.sleep(0.2)
+    outcome = interrupt(worker.process())
+    done_before_restart = worker.counts(run_id)["results"]
+    stack.processes.pid_file(worker.name).unlink(missing_ok=True)
+    uploader.join()
+    worker.start()
+    counts = worker.wait(run_id, count, timeout_s=180)
+    assert 0 < done_before_restart < count, "the interruption did not land in the middle of the load"
+    return {**counts, "outcome": outcome, "done_before_restart": done_before_restart}
+
+
 def test_worker_killed_mid_load_then_restarted_loses_nothing(stack):
+    def kill(process):
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
     worker = IsolatedWorker(stack, "kill")
     worker.start()
-    run_id = new_run_id()
-    items = [(f"{stack.config.prefix}{run_id}/{i}.png", png_bytes(1000 + i, size=64)) for i in range(500)]
     try:
-        uploader = threading.Thread(target=upload_many, args=(stack, items, run_id))
-        uploader.start()
-        deadline = time.monotonic() + 60
-        while worker.counts(run_id)["results"] < 100 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        killed = worker.process()
-        os.killpg(killed.pid, signal.SIGKILL)
-        killed.wait(10)
-        done_at_kill = worker.counts(run_id)["results"]
-        worker.stack.processes.pid_file(worker.name).unlink()
-        uploader.join()
-        worker.start()
-        counts = worker.wait(run_id, len(items), timeout_s=180)
-        report(f"worker SIGKILLed after {done_at_kill} rows, restarted", len(items), counts)
-        assert 0 < done_at_kill < len(items), "the kill did not land in the middle of the load"
-        assert (counts["results"], counts["errors"], counts["in_both"]) == (len(items), 0, 0)
+        counts = interrupt_mid_load(worker, 500, seed=1000, after_rows=100, interrupt=kill)
+        report(f"worker SIGKILLed after {counts['done_before_restart']} rows, restarted", 500, counts)
+        assert (counts["results"], counts["errors"], counts["in_both"]) == (500, 0, 0)
     finally:
         worker.close()
 
@@ -106,34 +117,22 @@ def test_worker_killed_mid_load_then_restarted_loses_nothing(stack):
 def test_sigterm_mid_load_stops_cleanly_and_a_restart_loses_nothing(stack):
     """The instance group's stop: SIGTERM ends pulling, lets batches in flight finish, returns the
     queued messages, and exits 0 within WORKER_SHUTDOWN_TIMEOUT_S."""
+    def terminate(process):
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        return process.wait(30), time.monotonic() - started
+
     worker = IsolatedWorker(stack, "term", WORKER_SHUTDOWN_TIMEOUT_S="15")
     worker.start()
-    run_id = new_run_id()
-    items = [(f"{stack.config.prefix}{run_id}/{i}.png", png_bytes(3000 + i, size=64)) for i in range(400)]
     try:
-        uploader = threading.Thread(target=upload_many, args=(stack, items, run_id))
-        uploader.start()
-        deadline = time.monotonic() + 60
-        while worker.counts(run_id)["results"] < 80 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        stopping = worker.process()
-        stopped_at = time.monotonic()
-        os.kill(stopping.pid, signal.SIGTERM)
-        exit_code = stopping.wait(30)
-        took_s = time.monotonic() - stopped_at
-        done_at_stop = worker.counts(run_id)["results"]
-        worker.stack.processes.pid_file(worker.name).unlink(missing_ok=True)
-        uploader.join()
-        worker.start()
-        counts = worker.wait(run_id, len(items), timeout_s=180)
-        report(f"worker SIGTERMed after {done_at_stop} rows (exit {exit_code} in {took_s:.1f} s), restarted",
-               len(items), counts)
+        counts = interrupt_mid_load(worker, 400, seed=3000, after_rows=80, interrupt=terminate)
+        exit_code, took_s = counts["outcome"]
+        report(f"worker SIGTERMed after {counts['done_before_restart']} rows (exit {exit_code} in {took_s:.1f} s), "
+               "restarted", 400, counts)
         assert exit_code == 0 and took_s < 15 + 5
-        assert 0 < done_at_stop < len(items), "the stop did not land in the middle of the load"
-        assert (counts["results"], counts["errors"], counts["in_both"]) == (len(items), 0, 0)
-        assert counts["result_rows"] == len(items), "a message finished before the stop was written again"
-        log = stack.processes.log_file(worker.name).read_text()
-        assert "queued messages returned for redelivery" in log
+        assert (counts["results"], counts["errors"], counts["in_both"]) == (400, 0, 0)
+        assert counts["result_rows"] == 400, "a message finished before the stop was written again"
+        assert "queued messages returned for redelivery" in stack.processes.log_file(worker.name).read_text()
     finally:
         worker.close()
 
