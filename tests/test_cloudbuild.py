@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
 from tests.test_infra import INFRA, REPO, blocks, ci_tool, load_yaml, run, strip_comments, tf_text
 
 CLOUDBUILD = REPO / "cloudbuild.yaml"

@@ -13,7 +13,6 @@ from worker import clients
 from worker.http.health import CachedProbe, bigquery_table_probe
 from worker.http.oidc import PushTokenVerifier
 from worker.http.service import InferenceService, LoadedModel, ServiceOptions
-from worker.models import locate_model
 from worker.settings import HttpSettings, WorkerSettings
 from worker.sink import BigQuerySink
 from worker.sysinfo import SystemSampler, machine_facts
