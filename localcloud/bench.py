@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from localcloud.config import StackConfig
+from localcloud.config import PORT_FIELDS, StackConfig
 from localcloud.demo import bigquery_rows, wait_for_rows
 from localcloud.stack import Stack
 
@@ -63,8 +63,6 @@ SELECT
   AVG(sink_ms) AS sink_ms
 FROM rows
 """
-
-PORT_FIELDS = ("pubsub_port", "gcs_port", "gcs_http_port", "bigquery_port", "bigquery_grpc_port", "function_port")
 
 # Stack processes whose CPU the bench watches (names as in localcloud/services.py).
 WATCHED = ("worker", "bigquery", "pubsub", "gcs", "function", "eventarc")

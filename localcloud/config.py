@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PORT_FIELDS = ("pubsub_port", "gcs_port", "gcs_http_port", "bigquery_port", "bigquery_grpc_port", "function_port")
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,7 @@ class StackConfig:
     @classmethod
     def with_free_ports(cls, run_dir: Path, **overrides) -> "StackConfig":
         """A stack on ports nobody uses, e.g. for tests next to a running `make up`."""
-        ports = free_ports(6)
-        names = ("pubsub_port", "gcs_port", "gcs_http_port", "bigquery_port", "bigquery_grpc_port", "function_port")
-        return cls(run_dir=run_dir, **dict(zip(names, ports)), **overrides)
+        return cls(run_dir=run_dir, **dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)))), **overrides)
 
     # Derived names -------------------------------------------------------------------------
     @property
