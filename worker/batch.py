@@ -221,11 +221,6 @@ class BatchRunner:
                              report.batch_id)
             for item, logit, score in zip(ready, logits if ready else [], sigmoid(logits) if ready else [])
         ]
-        # The rows are complete when the engine returns; building the dicts is bookkeeping that, on a
-        # busy interpreter, can wait for the GIL long enough to blur the stage sums.
-        timing.finished = infer_started + batch_ms / 1000.0
-        for row, item in zip(result_rows, ready):
-            row["total_ms"] = (timing.finished - item.delivery.received_monotonic) * 1000.0
         if ready:
             self._cold = False
         report.images, report.inference_ms = len(ready), batch_ms
@@ -421,7 +416,7 @@ class BatchRunner:
                                  - (item.download_ms or 0.0) - (item.preprocess_ms or 0.0)),
             "inference_ms": batch_ms / batch_size,
             "batch_inference_ms": batch_ms,
-            "total_ms": None,  # set once every row of the batch is built, just before the insert
+            "total_ms": (timing.inference_done - delivery.received_monotonic) * 1000.0,
             "batch_id": batch_id,
             "end_to_end_ms": ms_between(job.time_created, processed_at),
             "cold": self._cold,
@@ -484,7 +479,13 @@ class _BatchTiming:
     fetched: float
     infer_started: float
     inference_ms: float
-    finished: float = 0.0
+
+    @property
+    def inference_done(self) -> float:
+        # Where a row's total ends: the result exists once the engine returns. Building the dicts
+        # after it is bookkeeping that, on a busy interpreter, can wait for the GIL long enough to
+        # blur the stage sums.
+        return self.infer_started + self.inference_ms / 1000.0
 
 
 def _iso(value: dt.datetime | None) -> str | None:
