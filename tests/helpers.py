@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from localcloud.bench import noise_png
 from localcloud.config import REPO_ROOT
 from localcloud.demo import bigquery_rows
 from localcloud.stack import Stack
@@ -21,10 +20,7 @@ MODEL_DIR = REPO_ROOT / "build" / "models" / "demo" / "1"
 
 
 def png_bytes(seed: int = 0, size: int = 96) -> bytes:
-    pixels = (np.random.default_rng(seed).random((size, size)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return noise_png(np.random.default_rng(seed), size, compress_level=6)
 
 
 def demo_images(per_class: int) -> list[tuple[str, Path]]:
