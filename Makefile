@@ -10,6 +10,8 @@ CI_VENV := .venv-ci
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
+# The demo model's training seed: `make test MODEL_SEED=3` trains (and tests) another build.
+MODEL_SEED ?= 0
 BENCH_ARGS ?= --images 2000
 REPORT_ARGS ?=
 LOADTEST_ARGS ?=
@@ -56,7 +58,7 @@ lint-infra: install ci-tools  ## terraform fmt, checkov, hadolint, compose and C
 	REQUIRE_CI_TOOLS=1 $(PY) -m pytest tests/test_infra.py tests/test_docker.py tests/test_cloudbuild.py -m "not stack" $(PYTEST_ARGS)
 
 model: install  ## build the demo dataset and model once (reused while it verifies)
-	$(PY) -m modelkit build-demo --dataset-dir build/demo-dataset --models-root build/models
+	$(PY) -m modelkit build-demo --dataset-dir build/demo-dataset --models-root build/models --seed $(MODEL_SEED)
 
 demo: model  ## run the whole pipeline on the local emulators, print the result table, stop
 	$(PY) -m localcloud demo

@@ -90,9 +90,11 @@ def train(
 @click.option("--models-root", type=click.Path(path_type=Path), default=Path("build/models"), show_default=True)
 @click.option("--name", default="demo", show_default=True)
 @click.option("--version", type=click.IntRange(min=1), default=1, show_default=True)
-def build_demo(dataset_dir: Path, models_root: Path, name: str, version: int) -> None:
-    """Reuse MODELS_ROOT/NAME/VERSION if it verifies; else build the demo dataset (if missing),
-    train and export it."""
+@click.option("--seed", type=int, envvar="MODEL_SEED", default=0, show_default=True,
+              help="training seed (env MODEL_SEED); a version built with another seed is rebuilt")
+def build_demo(dataset_dir: Path, models_root: Path, name: str, version: int, seed: int) -> None:
+    """Reuse MODELS_ROOT/NAME/VERSION if it verifies and was trained with SEED; else build the demo
+    dataset (if missing), train and export it."""
     from modelkit.layout import FORMS, REQUIRED_FILES
     from modelkit.manifest import verify_manifest
 
@@ -107,19 +109,25 @@ def build_demo(dataset_dir: Path, models_root: Path, name: str, version: int) ->
         else:
             missing = [form for form in FORMS if form not in manifest["forms"]]
             missing += [path for path in REQUIRED_FILES if path not in manifest["files"]]
-            if not missing:
+            built_seed = manifest.get("training", {}).get("seed")
+            if not missing and built_seed != seed:
+                _LOGGER.warning("rebuilding %s: trained with seed %s, asked for %s", version_dir, built_seed, seed)
+                overwrite = True
+            elif not missing:
                 click.echo(f"reused    {version_dir} (verified, created {manifest.get('created_at', '?')})")
                 _echo_forms(version_dir, manifest)
                 return
-            _LOGGER.warning("rebuilding %s: built by an older modelkit, it lacks %s", version_dir, ", ".join(missing))
-            overwrite = True
+            else:
+                _LOGGER.warning("rebuilding %s: built by an older modelkit, it lacks %s", version_dir,
+                                ", ".join(missing))
+                overwrite = True
     if not dataset_dir.exists():
         from modelkit.dataset import make_demo_dataset
 
         _LOGGER.info("building demo dataset in %s", dataset_dir)
         make_demo_dataset(dataset_dir, per_class=DEMO_PER_CLASS, seed=0)
     click.echo(f"dataset   {dataset_dir}")
-    _train(dataset_dir, models_root, name, version, None, 0, overwrite)
+    _train(dataset_dir, models_root, name, version, None, seed, overwrite)
 
 
 @cli.command()

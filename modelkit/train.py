@@ -98,7 +98,7 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
         len(train_idx), len(test_idx), len(data.skipped),
     )
 
-    keras.utils.set_random_seed(settings.seed)
+    reproducibility = make_reproducible(settings.seed)
     model = build_model()
     started = time.perf_counter()
     model.fit(
@@ -111,7 +111,9 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
         verbose=1 if sys.stdout.isatty() else 2,
     )
     train_s = time.perf_counter() - started
-    _LOGGER.info("trained %d epochs in %.1f s", settings.epochs, train_s)
+    reproducibility["weights_sha256"] = weights_fingerprint(model)
+    _LOGGER.info("trained %d epochs in %.1f s (weights %s)", settings.epochs, train_s,
+                 reproducibility["weights_sha256"][:12])
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = export.staging_dir_for(target)
@@ -127,6 +129,7 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
         export.write_warmup_requests(staging, settings.name, data.images[calibration_idx])
         metrics = _evaluate_forms(staging, data.images[test_idx], data.labels[test_idx])
         manifest = _manifest(data, settings, train_idx, test_idx, metrics, model.count_params(), train_s)
+        manifest["training"]["reproducibility"] = reproducibility
         manifest["quantization"] = {"openvino_int8": quantization}
         manifest["warmup"] = {
             "file": export.WARMUP_RECORDS,
@@ -141,6 +144,53 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target, verify_manifest(target)
+
+
+def make_reproducible(seed: int) -> dict[str, Any]:
+    """Seed every generator and ask TensorFlow for deterministic kernels; say what was granted.
+
+    With op determinism and the same seed, data, library versions and CPU, training gives the same
+    weights bit for bit (`weights_sha256` tells). Across CPUs with other instruction sets (AVX2
+    against AVX-512) kernels differ, so tests never depend on a particular build's weights.
+    """
+    keras.utils.set_random_seed(seed)  # Python, NumPy and the backend's generators
+    facts: dict[str, Any] = {"seed": seed}
+    try:
+        tf.config.experimental.enable_op_determinism()
+        facts["op_determinism"] = True
+    except (AttributeError, RuntimeError) as exc:
+        facts["op_determinism"] = False
+        facts["op_determinism_error"] = str(exc)
+    try:
+        # One inter-op thread: ops run in graph order, so no race decides which update lands first.
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # TensorFlow already started in this process (tests): keep what it has
+    facts["inter_op_threads"] = tf.config.threading.get_inter_op_parallelism_threads()
+    facts["intra_op_threads"] = tf.config.threading.get_intra_op_parallelism_threads()  # 0: every core
+    facts["deterministic"] = facts["op_determinism"] and facts["inter_op_threads"] == 1
+    facts["cpu_flags"] = cpu_isa_flags()
+    return facts
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha256 over the trained weights' bytes, in layer order: equal builds have equal prints."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def cpu_isa_flags() -> list[str]:
+    """The CPU's instruction-set flags that change kernels and hence the last bits of results."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma")
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [flag for flag in wanted if flag in flags]
 
 
 def calibration_subset(train_idx: np.ndarray, seed: int, size: int = export.CALIBRATION_SIZE) -> np.ndarray:

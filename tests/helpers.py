@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -152,3 +153,43 @@ class IsolatedWorker:
     def wait(self, run_id: str, expected: int, timeout_s: float = 120.0) -> dict:
         return wait_for_keys(self.stack, run_id, expected, timeout_s,
                              results_table=self.results_table, errors_table=self.errors_table)
+
+
+@functools.cache
+def _demo_logits(per_class: int) -> tuple[tuple[str, Path, float], ...]:
+    """(class name, path, f32 logit) for the first per_class demo images of each class."""
+    import openvino as ov
+
+    from worker.preprocess import decode_image
+
+    manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
+    compiled = ov.Core().compile_model(str(MODEL_DIR / manifest["forms"]["openvino_fp32"]), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    pairs = demo_images(per_class)
+    pixels = np.stack([decode_image(path.read_bytes()) for _, path in pairs])
+    logits = compiled(pixels)[compiled.output(manifest["outputs"]["logits"])].ravel()
+    return tuple((name, path, float(logit)) for (name, path), logit in zip(pairs, logits))
+
+
+def demo_images_the_model_gets_right(per_class: int, margin_logit: float = 2.0) -> list[tuple[str, Path]]:
+    """Demo images this build's model labels as their class, at least margin_logit from the threshold.
+
+    Each clone trains its own model (about 99% held-out accuracy), so which images it gets right,
+    and by how much, varies between builds: tests that check a row's label against the image's
+    class take images with a clear margin, where every engine and precision agrees. A model too
+    poor to give enough of them fails here, loudly.
+    """
+    import math
+
+    manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
+    threshold = math.log(manifest["threshold"] / (1 - manifest["threshold"]))
+    positive = manifest["class_names"][1]
+    chosen: dict[str, list[Path]] = {name: [] for name in manifest["class_names"]}
+    for name, path, logit in _demo_logits(max(4 * per_class, 20)):
+        sign = 1.0 if name == positive else -1.0
+        if sign * (logit - threshold) >= margin_logit and len(chosen[name]) < per_class:
+            chosen[name].append(path)
+    short = {name: len(paths) for name, paths in chosen.items() if len(paths) < per_class}
+    assert not short, (f"the model at {MODEL_DIR} labels too few demo images clearly ({short} of {per_class}); "
+                       "rebuild it with `make model` or check its held-out metrics in manifest.json")
+    return [(name, path) for name, paths in chosen.items() for path in paths]

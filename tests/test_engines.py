@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 
+from tests.floats import assert_f32_close
 from tests.helpers import demo_images
 from worker.engines import ENGINE_PRECISIONS, TFServingOptions, create_engine
 from worker.engines.tfserving_engine import TFServingError, encode_json_array
@@ -99,7 +100,10 @@ def test_openvino_reports_the_precision_it_really_runs(model_dir, manifest, imag
     assert info.precision == expected
     assert logits.shape == (len(images),) and logits.dtype == np.float32
     if precision == "f32":
-        np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4)
+        from modelkit.parity import TOLERANCES
+
+        f32 = TOLERANCES["f32"]  # another library: summation order only
+        np.testing.assert_allclose(logits, reference, rtol=f32.rtol, atol=f32.atol)
 
 
 def test_openvino_infer_is_safe_from_several_threads(model_dir, manifest, images):
@@ -112,7 +116,7 @@ def test_openvino_infer_is_safe_from_several_threads(model_dir, manifest, images
         results = list(pool.map(lambda _: engine.infer(images[:8]), range(16)))
 
     for result in results:
-        np.testing.assert_array_equal(result, expected)
+        assert_f32_close(result, expected)
 
 
 # TensorFlow ------------------------------------------------------------------------------------
@@ -125,14 +129,14 @@ def test_tensorflow_runs_the_serving_signature_in_process(model_dir, manifest, i
 
     assert (info.name, info.version, info.device, info.precision, info.model_form) == (
         "tensorflow", tf.__version__, "CPU", "f32", "saved_model")
-    np.testing.assert_allclose(engine.infer(images), reference, rtol=0, atol=1e-6)
+    assert_f32_close(engine.infer(images), reference)
     assert engine.infer(images[:1]).shape == (1,)
 
 
 # TF Serving client -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
-def test_tfserving_client_matches_the_reference_exactly(model_dir, manifest, images, reference, standin, protocol):
+def test_tfserving_client_matches_the_reference(model_dir, manifest, images, reference, standin, protocol):
     url = standin.rest_url if protocol == "rest" else standin.grpc_target
     engine = _loaded(create_engine("tfserving", "f32", model_dir, manifest,
                                    tfserving=TFServingOptions(url=url, protocol=protocol)))
@@ -140,8 +144,9 @@ def test_tfserving_client_matches_the_reference_exactly(model_dir, manifest, ima
 
     assert (info.name, info.version, info.precision, info.model_form) == ("tfserving", protocol, "f32", "saved_model")
     assert info.device == url.split("://")[-1]
-    # JSON carries each float32 in its shortest exact form: REST loses nothing either.
-    np.testing.assert_array_equal(engine.infer(images), reference)
+    # The stand-in runs the same SavedModel in another batch and thread layout: equal up to
+    # summation order. The wire itself is exact (test_json_encoding_round_trips_float32_exactly).
+    assert_f32_close(engine.infer(images), reference)
 
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
@@ -166,10 +171,13 @@ def test_json_encoding_round_trips_float32_exactly():
     pixels = (rng.integers(0, 256, (2, 5, 4, 1)) / 255.0).astype(np.float32)
     awkward = rng.standard_normal((3, 2)).astype(np.float32) * np.float32(1e-7)
 
-    for array in (pixels, awkward, np.zeros((1, 1), np.float32)):
+    info = np.finfo(np.float32)
+    extremes = np.array([[info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0, 1 / 3]], np.float32)
+
+    for array in (pixels, awkward, extremes, np.zeros((1, 1), np.float32)):
         decoded = np.asarray(json.loads(encode_json_array(array)), dtype=np.float32)
         assert decoded.shape == array.shape
-        np.testing.assert_array_equal(decoded, array)
+        assert decoded.tobytes() == array.tobytes()  # bit for bit, sign of zero included
     with pytest.raises(ValueError, match="NaN"):
         encode_json_array(np.array([[math.nan]], np.float32))
 

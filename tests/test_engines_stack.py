@@ -19,7 +19,7 @@ import pytest
 
 from localcloud.demo import bigquery_rows
 from localcloud.processes import Service
-from tests.helpers import demo_images, new_run_id, upload
+from tests.helpers import demo_images_the_model_gets_right, new_run_id, upload
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -110,7 +110,7 @@ def test_every_engine_writes_rows_with_its_engine_precision_and_model_version(st
             list(pool.map(start, workers.items()))
         startup_s = time.monotonic() - started
 
-        images = demo_images(per_class=2)
+        images = demo_images_the_model_gets_right(per_class=2)
         expected_labels = {}
         for class_name, path in images:
             name = f"{config.prefix}{run_id}/{path.name}"

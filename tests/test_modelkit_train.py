@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("modelkit")
     make_demo_dataset(root / "data", per_class=16, seed=1)
     data = load_labelled_folder(root / "data")
-    started = time.perf_counter()
     version_dir, manifest = train_and_export(
         data, TrainSettings(models_root=root / "models", name="tiny", version=3, epochs=1, seed=1)
     )
-    seconds = time.perf_counter() - started
-    return {"root": root, "data": data, "dir": version_dir, "manifest": manifest, "seconds": seconds}
+    return {"root": root, "data": data, "dir": version_dir, "manifest": manifest}
 
 
 def test_version_directory_layout(built: dict) -> None:
@@ -46,7 +43,6 @@ def test_version_directory_layout(built: dict) -> None:
         assert (version_dir / relative).is_file(), relative
     # Staging and retired directories are gone.
     assert [p.name for p in version_dir.parent.iterdir()] == ["3"]
-    assert built["seconds"] < 60
 
 
 def test_signature_takes_image_and_returns_logits_and_probabilities(built: dict) -> None:
@@ -97,6 +93,32 @@ def test_manifest_content_and_hashes(built: dict) -> None:
     assert on_disk["dataset"]["per_class"] == {"grass": {"train": 11, "test": 5}, "moon": {"train": 11, "test": 5}}
 
 
+def test_manifest_records_how_reproducible_the_build_was(built: dict) -> None:
+    facts = built["manifest"]["training"]["reproducibility"]
+
+    assert facts["seed"] == 1 and facts["op_determinism"] is True
+    assert facts["deterministic"] == (facts["inter_op_threads"] == 1)
+    assert len(facts["weights_sha256"]) == 64 and isinstance(facts["cpu_flags"], list)
+
+
+def test_training_twice_with_one_seed_gives_the_same_weights(built: dict) -> None:
+    """Op determinism and seeds make a build repeatable on one machine (not across CPUs)."""
+    from modelkit.train import build_model, make_reproducible, weights_fingerprint
+
+    images, labels = built["data"].images[:24], built["data"].labels[:24].astype(np.float32)
+
+    def train(seed: int) -> str:
+        make_reproducible(seed)
+        model = build_model()
+        model.fit(images, labels, batch_size=8, epochs=1, shuffle=True, verbose=0)
+        return weights_fingerprint(model)
+
+    first, again, other = train(5), train(5), train(6)
+
+    assert first == again
+    assert first != other
+
+
 def test_openvino_fp32_logits_match_saved_model_on_real_images(built: dict) -> None:
     import openvino as ov
     import tensorflow as tf
@@ -111,7 +133,10 @@ def test_openvino_fp32_logits_match_saved_model_on_real_images(built: dict) -> N
     logits = compiled(images)[compiled.output("logits")]
 
     assert reference.std() > 1e-3, "degenerate model: logits do not vary across images"
-    np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4)
+    from modelkit.parity import TOLERANCES
+
+    f32 = TOLERANCES["f32"]  # another library: summation order only
+    np.testing.assert_allclose(logits, reference, rtol=f32.rtol, atol=f32.atol)
 
 
 def test_existing_version_is_not_overwritten_by_default(built: dict) -> None:
@@ -122,17 +147,14 @@ def test_existing_version_is_not_overwritten_by_default(built: dict) -> None:
 
 
 def test_build_demo_reuses_the_real_version_without_tensorflow(built: dict) -> None:
-    started = time.perf_counter()
-
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "modelkit", "build-demo",
          "--dataset-dir", str(built["root"] / "data"), "--models-root", str(built["root"] / "models"),
-         "--name", "tiny", "--version", "3"],
+         "--name", "tiny", "--version", "3", "--seed", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )
 
     assert result.returncode == 0, result.stderr
-    assert time.perf_counter() - started < 2.0
     assert result.stdout.startswith("reused")
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "tensorflow" not in imported and "openvino" not in imported

