@@ -36,7 +36,8 @@ def up(no_worker: bool) -> None:
     except StackError as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(1)
-    console.print(f"[green]stack is up[/green] (logs in {config.run_dir / 'logs'})")
+    console.print(f"[green]stack is up[/green] (logs in {config.run_dir / 'logs'}); a process that exits is "
+                  "restarted by the supervisor, and `make status` reports it")
     console.print(f"""
 Point the CLIs at it:
   source {config.run_dir / 'env.sh'}
@@ -56,10 +57,32 @@ def down() -> None:
 
 @cli.command()
 def status() -> None:
-    """Which processes of the stack are running."""
-    stack = _stack()
-    running = stack.processes.running()
-    console.print(f"running: {', '.join(running) if running else 'nothing'}")
+    """Which processes of the stack run; loud about any that died or was restarted (exit 1 if down)."""
+    from localcloud.stack import stack_health
+
+    config = StackConfig.load(StackConfig.from_env().run_dir) or StackConfig.from_env()
+    health = stack_health(Stack(config))
+    if not health:
+        console.print("running: nothing")
+        return
+    for item in health:
+        if item.running and not item.restarts:
+            console.print(f"[green]running[/green]  {item.name} (pid {item.pid})")
+        elif item.running:
+            console.print(f"[yellow]RESTARTED[/yellow] {item.name} (pid {item.pid}): exited unasked "
+                          f"{item.restarts} time(s), restarted by the supervisor; its log before the last exit:",
+                          soft_wrap=True)
+            console.print(item.log_tail, markup=False, highlight=False)
+        else:
+            console.print(f"[bold red]DOWN[/bold red]     {item.name}: exited unasked and is not running"
+                          f"{' (' + item.supervisor_state + ')' if item.supervisor_state else ''}. "
+                          f"Last lines of {item.log_file}:", soft_wrap=True)
+            console.print(item.log_tail, markup=False, highlight=False)
+    if any(not item.running for item in health):
+        console.print("[bold red]the stack is degraded[/bold red]: uploads may get no row until the service is back; "
+                      "`make down && make up` restarts everything, then `python -m worker reconcile --republish` "
+                      "recovers uploads whose events were lost", soft_wrap=True)
+        sys.exit(1)
 
 
 @cli.command()

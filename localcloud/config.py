@@ -27,6 +27,8 @@ class StackConfig:
     prefix: str = "incoming/"
     notifications_topic: str = "gcs-notifications"
     eventarc_subscription: str = "eventarc-trigger"
+    eventarc_dead_letter_topic: str = "eventarc-dead-letter"
+    eventarc_dead_letter_subscription: str = "eventarc-dead-letter-hold"
     jobs_topic: str = "jobs"
     jobs_subscription: str = "jobs-worker"
     jobs_ack_deadline_s: int = 60

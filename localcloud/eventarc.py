@@ -5,9 +5,15 @@ in binary content mode: context attributes as `ce-*` headers, the object resourc
 fake-gcs-server publishes the notification (JSON_API_V1 payload) to Pub/Sub; this process turns
 each one into that request, so the function's production code path is the one exercised.
 
-Delivery follows Eventarc with retries on: 2xx acks; 5xx, 429 and connection errors are retried
-(nack after a short pause). A 4xx other than 429 is logged and dropped: the event will never
-become valid, and locally nothing else would stop the loop.
+Header values follow the CloudEvents HTTP protocol binding 1.0.2, section 3.1.3.2: space, '"',
+'%' and everything outside printable ASCII are percent-encoded as UTF-8, so any object name
+Cloud Storage accepts (CJK, emoji, quotes, up to 1,024 bytes) travels in `ce-subject`.
+
+Delivery follows Eventarc's push subscription: a 2xx acks; anything else (an event that cannot be
+converted, a 4xx or 5xx, a connection error, a bug here) is logged with the message id and nacked.
+The trigger's subscription has a dead-letter policy, so an event that keeps failing lands on the
+Eventarc dead-letter topic after its last attempt: settled and visible, never dropped, and never
+the end of this process.
 """
 
 from __future__ import annotations
@@ -28,27 +34,37 @@ NOTIFICATION_EVENT_TYPES = {"OBJECT_FINALIZE": FINALIZED_EVENT_TYPE}
 RETRY_PAUSE_S = 0.5
 
 
+def encode_header_value(value: str) -> str:
+    """A CloudEvents attribute as an HTTP header value (HTTP binding 1.0.2, section 3.1.3.2)."""
+    return "".join(
+        char if "!" <= char <= "~" and char not in '"%' else "".join(f"%{byte:02X}" for byte in char.encode())
+        for char in value
+    )
+
+
 def notification_to_cloudevent(attributes: dict[str, str], data: bytes, message_id: str) -> tuple[dict, bytes] | None:
     """A GCS Pub/Sub notification -> (headers, body) of Eventarc's binary-mode CloudEvent.
 
-    None for notification types this trigger does not subscribe to.
+    None for notification types this trigger does not subscribe to. KeyError or ValueError for
+    a message that is not a Cloud Storage notification.
     """
     event_type = NOTIFICATION_EVENT_TYPES.get(attributes.get("eventType", ""))
     if event_type is None:
         return None
     bucket = attributes["bucketId"]
     name = attributes["objectId"]
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-id": message_id,
-        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
-        "ce-type": event_type,
-        "ce-subject": f"objects/{name}",
-        "ce-bucket": bucket,
-        "Content-Type": "application/json; charset=utf-8",
+    context = {
+        "specversion": "1.0",
+        "id": message_id,
+        "source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "type": event_type,
+        "subject": f"objects/{name}",
+        "bucket": bucket,
     }
     if attributes.get("eventTime"):
-        headers["ce-time"] = attributes["eventTime"]
+        context["time"] = attributes["eventTime"]
+    headers = {f"ce-{key}": encode_header_value(value) for key, value in context.items()}
+    headers["Content-Type"] = "application/json; charset=utf-8"
     # Eventarc sends the object resource; keep fake-gcs-server's bytes as they are.
     json.loads(data)
     return headers, data
@@ -68,11 +84,23 @@ class Forwarder:
         return session
 
     def __call__(self, message) -> None:
+        # Whatever goes wrong with one message stays with that message: it is nacked, retried and
+        # in the end dead-lettered by the subscription's policy; the stream goes on.
+        try:
+            self._handle(message)
+        except Exception:
+            _LOGGER.exception("event %s (attempt %s) failed in the stand-in; nacked", message.message_id,
+                              message.delivery_attempt)
+            message.nack()
+
+    def _handle(self, message) -> None:
         try:
             converted = notification_to_cloudevent(dict(message.attributes), message.data, message.message_id)
         except (KeyError, ValueError) as exc:
-            _LOGGER.error("dropping notification %s that is not a GCS notification: %s", message.message_id, exc)
-            message.ack()
+            _LOGGER.error("notification %s (attempt %s) is not a Cloud Storage notification (%s: %s); nacked, "
+                          "it goes to the dead-letter topic after its last attempt", message.message_id,
+                          message.delivery_attempt, type(exc).__name__, exc)
+            message.nack()
             return
         if converted is None:
             message.ack()
@@ -84,7 +112,7 @@ class Forwarder:
         message.ack()
 
     def _deliver(self, message, headers: dict, body: bytes) -> bool:
-        """POST once; False when the message was settled here (nacked for retry, or dropped)."""
+        """POST once; False when the message was nacked for a retry."""
         try:
             response = self._session().post(self._target_url, data=body, headers=headers, timeout=self._timeout_s)
         except requests.RequestException as exc:
@@ -94,14 +122,11 @@ class Forwarder:
             return False
         if 200 <= response.status_code < 300:
             return True
-        if response.status_code == 429 or response.status_code >= 500:
-            _LOGGER.warning("function answered %d for event %s; will retry", response.status_code, message.message_id)
-            time.sleep(RETRY_PAUSE_S)
-            message.nack()
-        else:
-            _LOGGER.error("function rejected event %s with %d: %s", message.message_id, response.status_code,
-                          response.text[:300])
-            message.ack()
+        # Eventarc's push subscription retries every other status; the dead-letter policy ends it.
+        _LOGGER.error("function answered %d for event %s (attempt %s): %s; will retry", response.status_code,
+                      message.message_id, message.delivery_attempt, response.text[:300])
+        time.sleep(RETRY_PAUSE_S)
+        message.nack()
         return False
 
 
@@ -133,6 +158,10 @@ def main(subscription: str, target: str, ready_file: Path | None, max_in_flight:
         stream.result()
     except KeyboardInterrupt:
         stream.cancel()
+    except Exception as exc:
+        # The stream itself ended (subscription gone, emulator down): exit so the supervisor restarts us.
+        _LOGGER.error("the stream of %s ended: %s; exiting", subscription, exc)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -80,8 +82,9 @@ class ProcessManager:
                                  env=env, start_new_session=True)
         log.close()
         process = psutil.Process(popen.pid)
+        # The record is what a restart needs: the supervisor rebuilds the service from it.
         self.pid_file(service.name).write_text(json.dumps({"pid": popen.pid, "create_time": process.create_time(),
-                                                           "argv": service.argv}))
+                                                           "argv": service.argv, "env": service.env}))
         deadline = time.monotonic() + service.ready_timeout_s
         while time.monotonic() < deadline:
             if popen.poll() is not None:
@@ -98,10 +101,33 @@ class ProcessManager:
         raise StackError(f"{service.name} was not ready after {service.ready_timeout_s:.0f} s:\n"
                          f"{self.tail(service.name)}\n(full log: {self.log_file(service.name)})")
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Held while a pid file is removed on purpose, and while the supervisor decides on a
+        restart: a service stopped on purpose is never mistaken for one that died."""
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.pid_dir / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def died(self, name: str) -> bool:
+        """True when name's pid file is there but its process is not: it exited unasked."""
+        return self.pid_file(name).is_file() and self.process(name) is None
+
+    def record(self, name: str) -> dict | None:
+        try:
+            return json.loads(self.pid_file(name).read_text())
+        except (OSError, ValueError):
+            return None
+
     def stop(self, name: str, timeout_s: float = 15.0) -> bool:
         """SIGTERM the service's process group, SIGKILL what is left after timeout_s."""
-        process = self.process(name)
-        self.pid_file(name).unlink(missing_ok=True)
+        with self.lock():
+            process = self.process(name)
+            self.pid_file(name).unlink(missing_ok=True)
         if process is None:
             return False
         group = [process] + process.children(recursive=True)
@@ -125,6 +151,10 @@ class ProcessManager:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def running(self) -> list[str]:
+        return [name for name in self.recorded() if self.process(name)]
+
+    def recorded(self) -> list[str]:
+        """Every service with a pid file: running, or exited without being stopped."""
         if not self.pid_dir.is_dir():
             return []
-        return sorted(p.stem for p in self.pid_dir.glob("*.pid") if self.process(p.stem))
+        return sorted(p.stem for p in self.pid_dir.glob("*.pid"))

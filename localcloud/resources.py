@@ -28,7 +28,15 @@ def create_pubsub(config: StackConfig) -> None:
     # Same shape as infra/: jobs that keep failing go to a dead-letter topic whose own
     # subscription holds them for `python -m worker.deadletter`, so nothing is dropped.
     subscriptions = (
-        (config.notifications_topic, {"name": config.eventarc_subscription, "ack_deadline_seconds": 60}),
+        # Eventarc's trigger subscription, with a dead-letter topic: an event the stand-in or the
+        # function cannot handle ends there after its last attempt, held for inspection.
+        (config.eventarc_dead_letter_topic, {"name": config.eventarc_dead_letter_subscription,
+                                             "ack_deadline_seconds": 60}),
+        (config.notifications_topic, {
+            "name": config.eventarc_subscription, "ack_deadline_seconds": 60,
+            "dead_letter_policy": {"dead_letter_topic": config.topic_path(config.eventarc_dead_letter_topic),
+                                   "max_delivery_attempts": config.max_delivery_attempts},
+        }),
         (config.dead_letter_topic, {"name": config.dead_letter_subscription, "ack_deadline_seconds": 60}),
         (config.jobs_topic, {
             "name": config.jobs_subscription,

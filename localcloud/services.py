@@ -197,3 +197,15 @@ def worker(config: StackConfig, name: str = "worker", **overrides: str) -> Servi
         ready_timeout_s=120.0,
         stop_timeout_s=30.0,
     )
+
+
+def supervisor(config: StackConfig) -> Service:
+    from localcloud.supervisor import state_path
+
+    state = state_path(config.run_dir)
+    state.unlink(missing_ok=True)
+    return Service(
+        name="supervisor",
+        argv=[sys.executable, "-m", "localcloud.supervisor", "--run-dir", str(config.run_dir)],
+        ready=state.is_file,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +11,7 @@ from localcloud.config import StackConfig
 from localcloud.processes import ProcessManager, StackError
 
 # Start order; stop goes in reverse so nothing loses its peer while still working.
-SERVICE_ORDER = ("pubsub", "gcs", "bigquery", "function", "eventarc", "worker")
+SERVICE_ORDER = ("pubsub", "gcs", "bigquery", "function", "eventarc", "worker", "supervisor")
 EXTRA_WORKER_PREFIX = "worker-"
 
 
@@ -20,7 +21,7 @@ class Stack:
         self.processes = ProcessManager(config.run_dir)
 
     def up(self, with_worker: bool = True, on_step: Callable[[str], None] = lambda _: None,
-           worker_env: dict[str, str] | None = None) -> None:
+           worker_env: dict[str, str] | None = None, supervise: bool = True) -> None:
         config = self.config
         if not (config.model_dir / "manifest.json").is_file() and with_worker:
             raise StackError(f"no model at {config.model_dir}: run `make model` first")
@@ -44,6 +45,9 @@ class Stack:
             if with_worker:
                 on_step("worker (model load + warm-up)")
                 self.start_worker(**(worker_env or {}))
+            if supervise:
+                on_step("supervisor (restarts a process that exits)")
+                self.processes.start(services.supervisor(config))
         except BaseException:
             self.down()
             raise
@@ -115,3 +119,32 @@ def cli_env(config: StackConfig) -> dict[str, str]:
 def stack_for(run_dir: Path) -> Stack | None:
     config = StackConfig.load(run_dir)
     return Stack(config) if config else None
+
+
+@dataclass(frozen=True)
+class ServiceHealth:
+    name: str
+    running: bool
+    pid: int | None
+    restarts: int
+    supervisor_state: str
+    log_file: Path
+    log_tail: str
+
+
+def stack_health(stack: Stack) -> list[ServiceHealth]:
+    """Every service with a pid file (running, or exited unasked), with the supervisor's account."""
+    from localcloud.supervisor import read_state
+
+    processes = stack.processes
+    state = read_state(stack.config.run_dir)
+    health = []
+    for name in processes.recorded():
+        process = processes.process(name)
+        entry = state.get(name, {})
+        restarts = int(entry.get("restarts", 0))
+        tail = entry.get("log_before_exit", "") if process else processes.tail(name, 15)
+        health.append(ServiceHealth(name=name, running=process is not None, pid=process.pid if process else None,
+                                    restarts=restarts, supervisor_state=entry.get("state", "") if not process else "",
+                                    log_file=processes.log_file(name), log_tail=tail))
+    return health

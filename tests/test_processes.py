@@ -46,3 +46,37 @@ def test_start_records_the_pid_and_stop_ends_the_whole_group(tmp_path):
     assert manager.stop("sleeper", timeout_s=5)
     assert not process.is_running() and not any(child.is_running() for child in children)
     assert manager.running() == [] and manager.stop("sleeper") is False
+
+
+def test_the_supervisor_restarts_a_service_that_died_but_not_one_stopped_on_purpose(tmp_path):
+    import os
+    import signal
+
+    from localcloud.config import StackConfig
+    from localcloud.supervisor import Supervisor, read_state
+
+    def sleeper(name: str) -> Service:
+        log = tmp_path / "logs" / f"{name}.log"
+        return Service(name, [sys.executable, "-c", f"print('{name} up', flush=True); import time; time.sleep(60)"],
+                       ready=lambda: f"{name} up" in log.read_text(), env={"WHO": name})
+
+    config = StackConfig(run_dir=tmp_path)
+    manager = ProcessManager(tmp_path)
+    supervisor = Supervisor(config, names=("dies", "stopped"),
+                            make_service=lambda _config, name, record: sleeper(name))
+    first = manager.start(sleeper("dies"))
+    manager.start(sleeper("stopped"))
+
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(5)
+    manager.stop("stopped", timeout_s=5)
+    restarted = supervisor.check_once()
+
+    assert restarted == ["dies"]
+    assert manager.process("dies").pid != first.pid and manager.process("stopped") is None
+    assert manager.record("dies")["env"] == {"WHO": "dies"}
+    state = read_state(tmp_path)
+    assert state["dies"]["restarts"] == 1 and state["dies"]["state"] == "running"
+    assert "dies up" in state["dies"]["log_before_exit"]
+    assert supervisor.check_once() == []  # alive now: nothing to do
+    manager.stop("dies", timeout_s=5)
