@@ -20,6 +20,7 @@ RUN groupadd --system --gid 10001 function \
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
 COPY functions/main.py /app/main.py
+COPY functions/storage_job.py /app/storage_job.py
 ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

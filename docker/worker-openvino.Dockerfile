@@ -25,6 +25,9 @@ COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
 # Code and model stay root-owned: the worker can read them, not change them.
 COPY worker/ /app/worker/
+# The job contract `python -m worker reconcile` republishes with; worker/job_contract.py loads it
+# from ../functions/ (one source with the Cloud Function).
+COPY functions/storage_job.py /app/functions/storage_job.py
 COPY modelkit/ /app/modelkit/
 COPY build/models/demo/1/ /models/demo/1/
 ENV PATH="/opt/venv/bin:${PATH}" \

@@ -1,7 +1,8 @@
 """Cloud Function (2nd gen): a Cloud Storage object was finalized -> one inference job on Pub/Sub.
 
 Deployed from this directory as is (`--source=functions --entry-point=on_object_finalized`).
-It only parses, filters and publishes; the worker does everything else.
+It only parses, filters and publishes; the worker does everything else. The job itself is built
+by storage_job.py, beside this file.
 
 Settings (environment):
   JOBS_TOPIC          topic path `projects/P/topics/T`, or a short name with GOOGLE_CLOUD_PROJECT
@@ -25,8 +26,9 @@ import functions_framework
 from cloudevents.http import CloudEvent
 from werkzeug.exceptions import BadRequest
 
-FINALIZED_EVENT_TYPE = "google.cloud.storage.object.v1.finalized"
-JOB_SCHEMA_VERSION = "1"
+# The job contract, beside this file (functions-framework and the Cloud Functions runtime put this
+# directory on sys.path); the worker's `reconcile` republishes jobs with the same module.
+from storage_job import FINALIZED_EVENT_TYPE, job_attributes, job_from_object
 
 
 @dataclass(frozen=True)
@@ -74,14 +76,6 @@ def _number(env, name: str, default: float) -> float:
     return value
 
 
-def event_key(bucket: str, name: str, generation: str) -> str:
-    """The identity of one upload, used from here to the BigQuery insertId.
-
-    A re-upload of the same name makes a new generation, hence a new key and a new row.
-    """
-    return f"{bucket}/{name}#{generation}"
-
-
 def parse_rfc3339(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -94,34 +88,8 @@ def build_job(cloud_event: CloudEvent, received_at: dt.datetime) -> dict:
             data = json.loads(data)
         except ValueError:
             raise ValueError("event data is not JSON")
-    if not isinstance(data, dict):
-        raise ValueError("event data is not a JSON object (expected the Cloud Storage object resource)")
-    missing = [field for field in ("bucket", "name", "generation") if not data.get(field)]
-    if missing:
-        raise ValueError(f"event data lacks {', '.join(missing)}")
-    generation = str(data["generation"])
-    if not generation.isdigit():
-        raise ValueError(f"generation {generation!r} is not a number")
-    size = data.get("size")
-    try:
-        size = int(size) if size is not None else None
-    except (TypeError, ValueError):
-        raise ValueError(f"size {size!r} is not a number")
-    return {
-        "schema_version": JOB_SCHEMA_VERSION,
-        "event_key": event_key(data["bucket"], data["name"], generation),
-        "bucket": data["bucket"],
-        "name": data["name"],
-        "generation": generation,
-        "size": size,
-        "content_type": data.get("contentType"),
-        "time_created": data.get("timeCreated"),
-        "metadata": data.get("metadata") or {},
-        "event_id": cloud_event["id"],
-        "event_type": cloud_event["type"],
-        "event_time": cloud_event.get("time"),
-        "function_received_at": received_at.isoformat(),
-    }
+    return job_from_object(data, event_id=cloud_event["id"], event_type=cloud_event["type"],
+                           event_time=cloud_event.get("time"), received_at=received_at)
 
 
 def skip_reason(job: dict, settings: FunctionSettings, now: dt.datetime) -> str | None:
@@ -172,14 +140,7 @@ def on_object_finalized(cloud_event: CloudEvent) -> None:
     if reason:
         log("INFO", f"ignored: {reason}", event_id=event_id, event_key=job["event_key"])
         return
-    # The object name stays in the data only: attribute values are capped at 1024 bytes.
-    attributes = {
-        "bucket": job["bucket"],
-        "generation": job["generation"],
-        "event_id": str(event_id),
-        "schema_version": JOB_SCHEMA_VERSION,
-    }
-    future = _publisher().publish(settings.jobs_topic, json.dumps(job).encode(), **attributes)
+    future = _publisher().publish(settings.jobs_topic, json.dumps(job).encode(), **job_attributes(job))
     # Raising here fails the invocation, so Eventarc retries it: no upload is lost to a publish error.
     message_id = future.result(timeout=settings.publish_timeout_s)
     log("INFO", "job published", event_id=event_id, event_key=job["event_key"], message_id=message_id)

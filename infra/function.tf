@@ -10,6 +10,12 @@ data "archive_file" "function_source" {
     filename = "main.py"
   }
 
+  # The job contract main.py imports (the worker's reconcile job uses the same file).
+  source {
+    content  = file("${path.module}/../functions/storage_job.py")
+    filename = "storage_job.py"
+  }
+
   source {
     content  = file("${path.module}/../functions/requirements.txt")
     filename = "requirements.txt"

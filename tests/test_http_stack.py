@@ -114,6 +114,9 @@ def job_for_upload(stack, name: str, data: bytes, run_id: str) -> bytes:
 
 @functools.cache
 def function_module():
+    # main.py imports storage_job from its own directory, which functions-framework puts on sys.path.
+    if str(REPO_ROOT / "functions") not in sys.path:
+        sys.path.append(str(REPO_ROOT / "functions"))
     spec = importlib.util.spec_from_file_location("function_main_for_http_tests", REPO_ROOT / "functions" / "main.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up while being defined

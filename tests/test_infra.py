@@ -470,7 +470,11 @@ def test_function_deploys_functions_main_with_its_documented_settings():
     assert entry_point in decorated
     assert attribute(build, "runtime") == '"python311"'
     trigger = sub_block(function, "event_trigger")
-    assert attribute(trigger, "event_type").strip('"') == re.search(r'FINALIZED_EVENT_TYPE = "([^"]+)"', main).group(1)
+    # main.py filters on the event type the job contract (functions/storage_job.py) names.
+    contract = (REPO / "functions" / "storage_job.py").read_text()
+    assert "from storage_job import FINALIZED_EVENT_TYPE" in main
+    assert attribute(trigger, "event_type").strip('"') == re.search(r'FINALIZED_EVENT_TYPE = "([^"]+)"',
+                                                                    contract).group(1)
     assert attribute(trigger, "retry_policy") == '"RETRY_POLICY_RETRY"'
     assert attribute(trigger, "trigger_region") == "var.region"
     assert attribute(sub_block(trigger, "event_filters"), "value") == "google_storage_bucket.uploads.name"
@@ -478,7 +482,7 @@ def test_function_deploys_functions_main_with_its_documented_settings():
     archive = blocks(strip_comments(tf_text()), "data")["archive_file.function_source"]
     for source_file in re.findall(r'file\("\$\{path\.module\}/([^"]+)"\)', archive):
         assert (INFRA / source_file).resolve().is_file(), source_file
-    assert set(re.findall(r'filename = "([^"]+)"', archive)) == {"main.py", "requirements.txt"}
+    assert set(re.findall(r'filename = "([^"]+)"', archive)) == {"main.py", "storage_job.py", "requirements.txt"}
 
 
 def lock_versions() -> dict[str, str]:
