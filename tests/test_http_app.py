@@ -25,7 +25,7 @@ from worker.http.oidc import PushAuthError, PushTokenVerifier, google_token_deco
 from worker.http.push import PushEnvelopeError, envelope_for, parse_push_envelope
 from worker.http.service import InferenceService, LoadedModel, ServiceOptions
 from worker.preprocess import DecodeLimits
-from worker.settings import HttpSettings, SettingsError, WorkerSettings
+from worker.settings import HttpSettings, SettingsError, StartupError, WorkerSettings
 from worker.sysinfo import SystemSampler, machine_facts
 
 RESULTS, ERRORS = "p.d.results", "p.d.errors"
@@ -53,7 +53,7 @@ class Harness:
     """A service over a real BatchRunner with fakes; the app in front of it."""
 
     def __init__(self, *, load=None, sink_check=lambda: "ok", puller=None, verifier=None, engine=None,
-                 gate: threading.Event | None = None):
+                 gate: threading.Event | None = None, tables: bool = True):
         self.engine, self.sink = engine or FakeEngine(), FakeSink()
         self.fetcher = FakeFetcher({})
         self.pool = ThreadPoolExecutor(4)
@@ -70,9 +70,11 @@ class Harness:
 
         self.service = InferenceService(
             load or load_model,
-            ServiceOptions(limits=DecodeLimits(max_bytes=MAX_BYTES, max_pixels=4_000_000), results_table=RESULTS,
-                           batch_size=8, batch_wait_s=0.005, pipelines=1, web_framework=FRAMEWORK),
-            record_sink=self.sink, sink_check=sink_check, machine_row=machine_facts().as_row(),
+            ServiceOptions(limits=DecodeLimits(max_bytes=MAX_BYTES, max_pixels=4_000_000),
+                           results_table=RESULTS if tables else "", batch_size=8, batch_wait_s=0.005, pipelines=1,
+                           web_framework=FRAMEWORK),
+            record_sink=self.sink if tables else None, sink_check=sink_check if tables else None,
+            machine_row=machine_facts().as_row(),
             sample_system=SystemSampler().sample, make_puller=(lambda runner: puller) if puller else None,
             on_pull_ended=lambda: self.pull_ended.append(True), on_load_failed=self.load_failed.append)
         self.metrics = Metrics()
@@ -162,6 +164,60 @@ def test_a_model_that_does_not_load_fails_health_and_tells_the_process():
     assert harness.client.get("/healthz").status_code == 500
     assert "no IR" in harness.client.get("/readyz").json["checks"]["model"]
     assert [str(e) for e in harness.load_failed] == ["no IR"]
+    harness.close()
+
+
+def test_a_failed_start_names_its_step_not_the_model(caplog):
+    def no_credentials():
+        raise StartupError("Google clients", "the BigQuery client needs Google credentials and found none")
+
+    harness = Harness(load=no_credentials)
+    harness.loading.join(5)
+    harness.close()
+    [failed] = harness.load_failed
+    assert failed.step == "Google clients"
+    assert "cannot start: Google clients: the BigQuery client needs Google credentials" in caplog.text
+    assert "did not load" not in caplog.text and "Traceback" not in caplog.text
+
+
+# --- no tables (WORKER_PULL=false, neither table set) ----------------------------------------------
+
+@pytest.fixture
+def no_tables():
+    harness = Harness(tables=False).ready()
+    yield harness
+    harness.close()
+
+
+def test_without_tables_classify_answers_and_readiness_says_the_sink_is_disabled(no_tables):
+    ready = no_tables.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json["checks"] == {"model": "ok", "pull": "disabled", "sink": "disabled"}
+    response = no_tables.client.post("/classify", data=image_bytes(), content_type="image/png")
+    assert response.status_code == 200 and response.json["label"] == "moon" and response.json["recorded"] is False
+    assert no_tables.sink.tables == {}
+
+
+def test_without_tables_a_push_is_503_no_tables_and_never_acked(no_tables):
+    no_tables.fetcher.objects["a.png"] = png_bytes(4)
+    response = no_tables.push(job("a.png"), "m-1")
+    assert response.status_code == 503 and response.json["error"] == "no_tables"
+    assert "WORKER_RESULTS_TABLE" in response.json["message"] and "not acked" in response.json["message"]
+    assert no_tables.fetcher.fetched == [] and no_tables.sink.tables == {} and no_tables.engine.batches == []
+    text = no_tables.client.get("/metrics").get_data(as_text=True)
+    assert 'worker_http_requests_total{endpoint="/pubsub/push",method="POST",status="503"} 1.0' in text
+
+
+def test_without_tables_record_is_refused_before_the_engine_call(no_tables):
+    response = no_tables.client.post("/classify?record=true", data=png_bytes(2))
+    assert response.status_code == 503 and response.json["error"] == "no_tables"
+    assert "?record=true" in response.json["message"] and no_tables.engine.batches == []
+
+
+def test_without_tables_an_unauthenticated_push_is_still_401():
+    verifier = PushTokenVerifier(PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNT, decode=fake_decode)
+    harness = Harness(tables=False, verifier=verifier).ready()
+    assert harness.push(job("a.png"), "m-1").status_code == 401
     harness.close()
 
 

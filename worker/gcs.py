@@ -18,6 +18,7 @@ import urllib3
 from google.api_core.retry import Retry
 
 from worker.batch import PermanentError
+from worker.clients import STORAGE_EMULATOR, needs_credentials
 from worker.jobs import Job
 
 PRODUCTION_ENDPOINT = "https://storage.googleapis.com"
@@ -44,15 +45,17 @@ def crc32c_of(header: str | None) -> bytes | None:
 
 
 def authorized_http(env: Mapping[str, str] = os.environ, pool_size: int = 8):
-    """(http, endpoint): anonymous against STORAGE_EMULATOR_HOST, else Application Default Credentials."""
+    """(http, endpoint): anonymous against STORAGE_EMULATOR_HOST, else Application Default
+    Credentials (worker.clients.CredentialsMissing when there are none)."""
     pool = urllib3.PoolManager(maxsize=pool_size, retries=False)
-    endpoint = env.get("STORAGE_EMULATOR_HOST")
+    endpoint = env.get(STORAGE_EMULATOR)
     if endpoint:
         return pool, endpoint
     import google.auth
     from google.auth.transport.urllib3 import AuthorizedHttp
 
-    credentials, _ = google.auth.default(scopes=[READ_ONLY_SCOPE])
+    with needs_credentials("Cloud Storage download", STORAGE_EMULATOR):
+        credentials, _ = google.auth.default(scopes=[READ_ONLY_SCOPE])
     return AuthorizedHttp(credentials, http=pool), PRODUCTION_ENDPOINT
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -15,6 +15,15 @@ class SettingsError(ValueError):
     """A setting is missing or wrong; the message names the variable and what to do."""
 
 
+class StartupError(RuntimeError):
+    """A start-up step failed (`step`: "Google clients", "model location", "model load"); the
+    message gives the real cause and the setting to change."""
+
+    def __init__(self, step: str, message: str):
+        super().__init__(f"{step}: {message}")
+        self.step = step
+
+
 ENGINES = ("openvino", "tensorflow", "tfserving")
 PRECISIONS = ("f32", "bf16", "f16", "int8", "default")
 TFSERVING_PROTOCOLS = ("rest", "grpc")
@@ -22,9 +31,12 @@ TFSERVING_PROTOCOLS = ("rest", "grpc")
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    project: str
-    results_table: str
-    errors_table: str
+    # The Google Cloud project of the clients (GOOGLE_CLOUD_PROJECT); required whenever one is made.
+    project: str = ""
+    # Where every job ends as a row. Required while pull is on; `serve` with WORKER_PULL=false may
+    # leave both empty: it then answers /classify without writing and refuses push deliveries.
+    results_table: str = ""
+    errors_table: str = ""
     # Required while pull is on (`run`, and `serve` unless WORKER_PULL=false).
     subscription: str = ""
     # `serve` only: pull jobs in the same process as the HTTP face (one model for both).
@@ -67,6 +79,11 @@ class WorkerSettings:
         return f"projects/{self.project}/subscriptions/{self.subscription}"
 
     @property
+    def writes_rows(self) -> bool:
+        """Tables are configured (validate() allows both or neither): rows are written to BigQuery."""
+        return bool(self.results_table and self.errors_table)
+
+    @property
     def model_location(self) -> str:
         return self.model_uri or (str(self.model_dir) if self.model_dir else "")
 
@@ -80,18 +97,12 @@ class WorkerSettings:
         values = _values_from_env(cls, "WORKER_", env)
         if "project" not in values and env.get("GOOGLE_CLOUD_PROJECT"):
             values["project"] = env["GOOGLE_CLOUD_PROJECT"]
-        required = [f.name for f in fields(cls) if f.default is MISSING]
-        missing = [f"WORKER_{name.upper()}" for name in required if name not in values]
-        if missing:
-            raise SettingsError(f"missing settings: {', '.join(missing)} (see README, 'Worker settings')")
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings
 
     def validate(self) -> None:
-        if self.pull and not self.subscription:
-            raise SettingsError("missing settings: WORKER_SUBSCRIPTION (the pull subscription; "
-                                "`serve` with WORKER_PULL=false takes push deliveries only and needs none)")
+        self._validate_cloud()
         if self.engine not in ENGINES:
             raise SettingsError(f"WORKER_ENGINE={self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.precision not in PRECISIONS:
@@ -107,10 +118,8 @@ class WorkerSettings:
             )
         for table_setting in ("results_table", "errors_table", "batches_table"):
             value = getattr(self, table_setting)
-            if (value or table_setting != "batches_table") and value.count(".") != 2:
-                raise SettingsError(
-                    f"WORKER_{table_setting.upper()}={getattr(self, table_setting)!r} must be project.dataset.table"
-                )
+            if value and value.count(".") != 2:
+                raise SettingsError(f"WORKER_{table_setting.upper()}={value!r} must be project.dataset.table")
         from worker.engines import ENGINE_PRECISIONS
 
         if self.precision not in ENGINE_PRECISIONS[self.engine]:
@@ -137,6 +146,30 @@ class WorkerSettings:
                     f"{name}={local} has no manifest.json (nor version sub-directories with one): "
                     "point it at a model version directory (make model builds build/models/demo/1)"
                 )
+
+    def _validate_cloud(self) -> None:
+        """Pull needs a subscription and both tables; without pull, both tables or neither. A project
+        only when a Google client will be made (offline `serve` on a local model needs none)."""
+        tables = {"WORKER_RESULTS_TABLE": self.results_table, "WORKER_ERRORS_TABLE": self.errors_table}
+        missing_tables = [name for name, value in tables.items() if not value]
+        if self.pull:
+            missing = (["WORKER_SUBSCRIPTION"] if not self.subscription else []) + missing_tables
+            if missing:
+                raise SettingsError(
+                    f"missing settings: {', '.join(missing)} (pulling jobs needs the subscription and the tables "
+                    "every job ends in, project.dataset.table; `serve` with WORKER_PULL=false takes push "
+                    "deliveries only, and with neither table set answers /classify alone)")
+        elif len(missing_tables) == 1:
+            [missing], [present] = missing_tables, [name for name in tables if name not in missing_tables]
+            raise SettingsError(
+                f"missing settings: {missing} ({present} is set: every job ends as a row in one of the two, "
+                "so set both, or neither to serve /classify without writing rows)")
+        if self.batches_table and missing_tables:
+            raise SettingsError("WORKER_BATCHES_TABLE is set without WORKER_RESULTS_TABLE and WORKER_ERRORS_TABLE: "
+                                "batch rows describe pipeline batches; set those two as well, or unset it")
+        if not self.project and (self.pull or self.writes_rows or self.model_uri.startswith("gs://")):
+            raise SettingsError("missing settings: GOOGLE_CLOUD_PROJECT (or WORKER_PROJECT): the project of the "
+                                "Google Cloud clients (Pub/Sub, BigQuery, Cloud Storage)")
 
 
 GOOGLE_OAUTH2_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"

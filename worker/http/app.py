@@ -19,7 +19,7 @@ from worker.http.classify import RecordFacts, classify_row, new_event_key, statu
 from worker.http.metrics import Metrics
 from worker.http.oidc import PushAuthError, PushTokenVerifier
 from worker.http.push import PushEnvelopeError, PushOutcome, parse_push_envelope, push_delivery
-from worker.http.service import InferenceService, NotReady
+from worker.http.service import PUSH_REFUSED, InferenceService, NoTables, NotReady
 from worker.preprocess import ImageRejected
 
 _LOGGER = logging.getLogger(__name__)
@@ -93,6 +93,10 @@ def _register_errors(app: Flask) -> None:
         response[0].headers["Retry-After"] = "5"
         return response
 
+    @app.errorhandler(NoTables)
+    def no_tables(exc):
+        return _error(503, "no_tables", str(exc))
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         reason = "too_many_bytes" if exc.code == 413 else (exc.name or "error").lower().replace(" ", "_")
@@ -145,6 +149,8 @@ def _classify(service: InferenceService, metrics: Metrics):
     except RequestEntityTooLarge:  # over the body limit: refused before reading it
         metrics.observe_rejection("too_many_bytes")
         raise
+    if record:  # refused before the engine call when there is no table to write to
+        service.require_tables("?record=true cannot write the row")
     try:
         result = service.classify(data, received_monotonic)
     except ImageRejected as exc:
@@ -184,6 +190,7 @@ def _push(service: InferenceService, options: AppOptions):
         except PushAuthError as exc:
             _LOGGER.warning("push refused (%s): %s", exc.reason, exc)
             return _error(exc.status, exc.reason, str(exc))
+    service.require_tables(PUSH_REFUSED)  # never ack a job whose row cannot be written
     try:
         message = parse_push_envelope(request.get_data(cache=False))
     except PushEnvelopeError as exc:
@@ -209,11 +216,14 @@ def create_app_from_env() -> Flask:
 
     from worker import logs
     from worker.http import wiring
-    from worker.settings import HttpSettings, WorkerSettings
+    from worker.settings import HttpSettings, StartupError, WorkerSettings
 
     logs.configure(os.environ.get("WORKER_LOG_LEVEL", "INFO"))
     settings, http = WorkerSettings.from_env(), HttpSettings.from_env()
-    service = wiring.build_service(settings, http)
+    try:
+        service = wiring.build_service(settings, http)
+    except StartupError as exc:  # e.g. credentials missing for the clients the settings need
+        wiring.refuse_to_boot(exc)
     app = create_app(service, Metrics(), AppOptions(max_image_bytes=settings.max_image_bytes,
                                                     push_wait_s=http.push_wait_s,
                                                     push_verifier=wiring.push_verifier(http)))

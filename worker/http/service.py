@@ -17,12 +17,18 @@ from worker.batch import BatchReport, BatchRunner, Delivery, Sink
 from worker.http.batcher import MicroBatcher
 from worker.http.classify import Classification, Classifier
 from worker.preprocess import DecodeLimits
+from worker.settings import StartupError
 
 _LOGGER = logging.getLogger(__name__)
 
 
 class NotReady(RuntimeError):
     """The model is not loaded (yet, or it failed): answer 503."""
+
+
+class NoTables(RuntimeError):
+    """The server has no tables: what needs a row written (a push, ?record=true) is refused with
+    503, so a pushed job is never acked without its row and Pub/Sub keeps it."""
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,19 @@ class ServiceOptions:
     web_framework: str = ""
 
 
+PUSH_REFUSED = "a pushed job cannot be recorded, so it is not acked (Pub/Sub keeps it and delivers it again)"
+
+
 def _nothing(*_args) -> None:
     pass
 
 
 class InferenceService:
-    def __init__(self, load: Callable[[], LoadedModel], options: ServiceOptions, *, record_sink: Sink,
-                 sink_check: Callable[[], str], machine_row: dict, sample_system: Callable[[], dict],
+    """record_sink and sink_check are None on a server without tables (`serve` with WORKER_PULL=false
+    and neither table set): /classify answers, pushes and ?record=true are refused (NoTables)."""
+
+    def __init__(self, load: Callable[[], LoadedModel], options: ServiceOptions, *, record_sink: Sink | None,
+                 sink_check: Callable[[], str] | None, machine_row: dict, sample_system: Callable[[], dict],
                  make_puller: Callable[[BatchRunner], Puller] | None = None, on_ready: Callable[[], None] = _nothing,
                  on_load_failed: Callable[[Exception], None] = _nothing, on_pull_ended: Callable[[], None] = _nothing):
         self.options = options
@@ -114,7 +126,9 @@ class InferenceService:
                 threading.Thread(target=self._watch_pull, name="pull-watch", daemon=True).start()
             self._state = "ready"
         except Exception as exc:
-            _LOGGER.exception("the model did not load")
+            # A StartupError names its step (model location, model load) and what to change;
+            # anything else is unexpected and logged with its traceback.
+            _LOGGER.error("cannot start: %s", exc, exc_info=not isinstance(exc, StartupError))
             self._state = f"failed: {exc}"
             self._on_load_failed(exc)
             return
@@ -149,6 +163,16 @@ class InferenceService:
     def failed(self) -> bool:
         return self._state.startswith("failed")
 
+    @property
+    def writes_rows(self) -> bool:
+        return self._record_sink is not None and bool(self.options.results_table)
+
+    def require_tables(self, for_what: str) -> None:
+        """Raise NoTables when rows cannot be written; for_what says what was refused and why."""
+        if not self.writes_rows:
+            raise NoTables(f"no tables configured: {for_what}; set WORKER_RESULTS_TABLE and WORKER_ERRORS_TABLE "
+                           "to write rows (this server answers /classify without them)")
+
     def readiness(self) -> dict[str, str]:
         """Check -> "ok" (or "disabled") or why not; ready when every check passes."""
         if self._make_puller is None:
@@ -157,7 +181,8 @@ class InferenceService:
             pull = "not started"
         else:
             pull = "ok" if self.puller.healthy else "the pull stream ended"
-        return {"model": "ok" if self.ready else self._state, "pull": pull, "sink": self._sink_check()}
+        sink = self._sink_check() if self._sink_check is not None else "disabled"
+        return {"model": "ok" if self.ready else self._state, "pull": pull, "sink": sink}
 
     def model_facts(self) -> dict:
         runner = self._ready_runner()
@@ -172,10 +197,12 @@ class InferenceService:
 
     def record(self, row: dict):
         """Write a /classify row to the results table; returns the sink's InsertOutcome."""
+        self.require_tables("the row cannot be recorded")
         return self._record_sink.insert(self.options.results_table, [row])
 
     def push(self, delivery: Delivery) -> Future:
         """Queue a pushed job for the next batch; the delivery's ack/nack say how it ended."""
+        self.require_tables(PUSH_REFUSED)
         self._ready_runner()
         return self._push.submit(delivery)
 

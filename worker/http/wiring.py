@@ -8,14 +8,17 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-from worker import clients
 from worker.http.health import CachedProbe, bigquery_table_probe
 from worker.http.oidc import PushTokenVerifier
 from worker.http.service import InferenceService, LoadedModel, ServiceOptions
 from worker.settings import HttpSettings, WorkerSettings
 from worker.sink import BigQuerySink
 from worker.sysinfo import SystemSampler, machine_facts
+
+if TYPE_CHECKING:
+    from worker.__main__ import CloudClients
 
 _LOGGER = logging.getLogger(__name__)
 WORKER_BOOT_ERROR = 3  # gunicorn's exit code for "the worker cannot boot": the master stops too
@@ -26,31 +29,39 @@ def web_framework() -> str:
     return f"flask {importlib.metadata.version('flask')}/gunicorn {importlib.metadata.version('gunicorn')}"
 
 
-def load_model(settings: WorkerSettings, web_framework_of_rows: str | None) -> LoadedModel:
+def load_model(settings: WorkerSettings, web_framework_of_rows: str | None,
+               cloud: CloudClients | None = None) -> LoadedModel:
     from worker.__main__ import build_runner
 
     io_pool = ThreadPoolExecutor(max_workers=settings.download_threads, thread_name_prefix="io")
-    runner = build_runner(settings, io_pool, web_framework=web_framework_of_rows)
+    runner = build_runner(settings, io_pool, web_framework=web_framework_of_rows, cloud=cloud)
     return LoadedModel(runner, runner.class_names, runner.threshold)
 
 
 def build_service(settings: WorkerSettings, http: HttpSettings) -> InferenceService:
-    from worker.__main__ import build_puller
+    """The service with the clients the settings need, made now (StartupError when credentials are
+    missing); the model loads later, in the background (service.start())."""
+    from worker.__main__ import build_puller, connect
 
     framework = web_framework()
-    bigquery = clients.bigquery_client(settings.project)
+    cloud = connect(settings)
+    if cloud.bigquery is None:
+        _LOGGER.warning("no tables configured (WORKER_RESULTS_TABLE, WORKER_ERRORS_TABLE): /classify answers "
+                        "without writing rows; /classify?record=true and /pubsub/push are refused with 503 "
+                        "no_tables (Pub/Sub keeps pushed jobs)")
     # Pulled rows keep web_framework NULL (sql/queries: "pull (none)"); pushed rows name the server
     # on each delivery, so one process doing both records each row's own path.
     return InferenceService(
-        lambda: load_model(settings, None),
+        lambda: load_model(settings, None, cloud),
         ServiceOptions(limits=settings.decode_limits, results_table=settings.results_table,
                        batch_size=settings.batch_size, batch_wait_s=settings.batch_wait_ms / 1000.0,
                        pipelines=settings.pipelines, web_framework=framework),
-        record_sink=BigQuerySink(bigquery, settings.insert_timeout_s),
-        sink_check=CachedProbe(bigquery_table_probe(bigquery, settings.results_table)).check,
+        record_sink=BigQuerySink(cloud.bigquery, settings.insert_timeout_s) if cloud.bigquery is not None else None,
+        sink_check=(CachedProbe(bigquery_table_probe(cloud.bigquery, settings.results_table)).check
+                    if cloud.bigquery is not None else None),
         machine_row=machine_facts().as_row(),
         sample_system=SystemSampler().sample,
-        make_puller=(lambda runner: build_puller(settings, runner)) if settings.pull else None,
+        make_puller=(lambda runner: build_puller(settings, runner, cloud.subscriber)) if settings.pull else None,
         on_ready=lambda: _write_ready_file(settings),
         on_load_failed=_stop_the_server,
         on_pull_ended=_restart_this_worker,
@@ -68,10 +79,18 @@ def _write_ready_file(settings: WorkerSettings) -> None:
         settings.ready_file.write_text(str(time.time()))
 
 
+def refuse_to_boot(exc: Exception) -> None:
+    """In the gunicorn worker, building the app: exit with gunicorn's boot-error code, so the master
+    stops instead of forking a new worker that fails the same way; the supervisor restarts us."""
+    _LOGGER.critical("exiting: cannot start: %s", exc)
+    raise SystemExit(WORKER_BOOT_ERROR)
+
+
 def _stop_the_server(exc: Exception) -> None:
-    # Without a model nothing can be served: exit with gunicorn's boot-error code, so the master
-    # stops instead of forking a new worker that fails the same way; the supervisor restarts us.
-    _LOGGER.critical("exiting: the model did not load: %s", exc)
+    # The model-load thread failed (the service has logged why): nothing can be served without a
+    # model, so the same boot-error exit, from this thread.
+    _LOGGER.critical("exiting: %s failed (the error above says why); the gunicorn master stops too",
+                     getattr(exc, "step", "start-up"))
     os._exit(WORKER_BOOT_ERROR)
 
 
