@@ -76,6 +76,7 @@ class Supervisor:
         self.processes = ProcessManager(config.run_dir)
         self.state: dict[str, dict] = read_state(config.run_dir)
         self._next_try: dict[str, float] = {}
+        self._failed_starts: dict[str, int] = {}  # in a row, per service: sets the pause
 
     def check_once(self) -> list[str]:
         """Restart every supervised service that died; returns the names restarted."""
@@ -105,7 +106,8 @@ class Supervisor:
                 hook(self.config)
         except Exception as exc:
             entry["state"] = f"restart failed: {exc}"
-            pause = min(MAX_PAUSE_S, 2.0 ** min(entry["restarts"], 5))
+            failures = self._failed_starts[name] = self._failed_starts.get(name, 0) + 1
+            pause = min(MAX_PAUSE_S, 2.0 ** failures)
             self._next_try[name] = time.monotonic() + pause
             # start() removed the record of a process that would not start: put it back, so the
             # next round tries again and status shows the service as down.
@@ -113,6 +115,7 @@ class Supervisor:
             _LOGGER.error("restarting %s failed: %s; next try in %.0f s", name, exc, pause)
             self._save()
             return False
+        self._failed_starts[name] = 0
         entry["state"] = "running"
         entry["last_restart_at"] = _now()
         _LOGGER.warning("%s restarted", name)

@@ -125,3 +125,81 @@ def test_a_dead_process_is_reported_loudly_with_its_log(stack):
     assert "DOWN" in status.stderr and "eventarc" in status.stderr
     assert "delivering" in status.stderr  # the last lines of its log
     assert "reconcile --republish" in status.stderr
+
+
+def _reconcile(stack, *args: str) -> subprocess.CompletedProcess:
+    config = stack.config
+    env = {**os.environ, **config.client_env(),
+           "WORKER_RESULTS_TABLE": config.table_id(config.results_table),
+           "WORKER_ERRORS_TABLE": config.table_id(config.errors_table),
+           "JOBS_TOPIC": config.topic_path(config.jobs_topic)}
+    return subprocess.run([sys.executable, "-m", "worker", "reconcile", "--bucket", config.bucket, *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_trigger_down_mid_load_then_reconcile_republish_recovers_every_upload_once(stack):
+    """Uploads go on while the Eventarc stand-in is killed and its trigger subscription is gone
+    (what a trigger outage longer than Pub/Sub's retention does): those events are lost. Then one
+    reconcile --republish finds exactly the uploads without a row and recovers each once."""
+    import threading
+
+    from localcloud.resources import create_pubsub
+    from tests.test_faults_stack import report
+    from worker.clients import subscriber_client
+
+    config = stack.config
+    run_id = new_run_id()
+    prefix = f"{config.prefix}{run_id}/"
+    items = [(f"{prefix}img-{i:03d}.png", png_bytes(seed=2000 + i)) for i in range(60)]
+    uploaded: list[str] = []
+    phase = threading.Event()
+
+    def uploader():
+        for index, (name, data) in enumerate(items):
+            upload(stack, name, data, run_id)
+            uploaded.append(name)
+            if index == 19:
+                phase.set()
+                while phase.is_set():  # hold until the trigger is down
+                    time.sleep(0.05)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=uploader)
+    thread.start()
+    assert phase.wait(60)
+    subscriber = subscriber_client(config.client_env())
+    subscriber.delete_subscription(subscription=config.subscription_path(config.eventarc_subscription))
+    victim = stack.processes.process("eventarc")
+    os.killpg(victim.pid, signal.SIGKILL)
+    phase.clear()  # uploads 20..39 happen while the trigger is down
+    while len(uploaded) < 40:
+        time.sleep(0.05)
+    create_pubsub(config)  # the trigger is back (a new, empty subscription)
+    thread.join()
+    _wait_restarted(stack, "eventarc", victim.pid)
+
+    before = wait_for_keys(stack, run_id, expected=len(items), timeout_s=30)  # settles short of 60
+    dry = _reconcile(stack, "--prefix", prefix, "--since", "1h", "--min-age", "0s")
+    lost = len(items) - before["results"] - before["errors"]
+    assert 0 < lost < len(items), f"no event was lost, so the test shows nothing: {before}"
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[-1].startswith(f"reconcile: {lost} of {len(items)} uploads"), dry.stdout
+    assert len([line for line in dry.stdout.splitlines() if line.startswith(config.bucket + "/")]) == lost
+
+    republished = _reconcile(stack, "--prefix", prefix, "--since", "1h", "--min-age", "0s", "--republish")
+    counts = wait_for_keys(stack, run_id, expected=len(items), timeout_s=120)
+    again = _reconcile(stack, "--prefix", prefix, "--since", "1h", "--min-age", "0s", "--republish")
+    time.sleep(5)  # anything republished twice would land now
+    final = wait_for_keys(stack, run_id, expected=len(items), timeout_s=10)
+    report("Eventarc stand-in killed, trigger subscription gone mid-load; reconcile --republish",
+           len(items), final)
+
+    assert republished.returncode == 0 and again.returncode == 0, republished.stderr + again.stderr
+    assert counts["results"] + counts["errors"] == len(items)
+    assert (final["results"] + final["errors"], final["in_both"]) == (len(items), 0)
+    assert final["result_rows"] + final["error_rows"] == len(items), "a row was doubled"
+    from localcloud.demo import bigquery_rows
+
+    deduped = bigquery_rows(config, "SELECT COUNT(*) AS n FROM `${project}.${dataset}.results_dedup` "
+                                    "WHERE run_id = @run_id", {"run_id": run_id})[0]["n"]
+    assert deduped == final["results"]
