@@ -75,7 +75,7 @@ def demo_dataset(out: Path, per_class: int, seed: int) -> None:
               help="Models root; the version lands in OUT/NAME/VERSION.")
 @click.option("--name", required=True)
 @click.option("--version", type=click.IntRange(min=1), required=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: modelkit.train.DEFAULT_EPOCHS (4).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Most epochs; training stops once converged. Default: modelkit.train.DEFAULT_EPOCHS (12).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing version directory.")
 def train(
@@ -109,7 +109,7 @@ def build_demo(dataset_dir: Path, models_root: Path, name: str, version: int, se
         else:
             missing = [form for form in FORMS if form not in manifest["forms"]]
             missing += [path for path in REQUIRED_FILES if path not in manifest["files"]]
-            built_seed = manifest.get("training", {}).get("seed")
+            built_seed = manifest.get("training", {}).get("seed", seed)  # not recorded: take it as asked
             if not missing and built_seed != seed:
                 _LOGGER.warning("rebuilding %s: trained with seed %s, asked for %s", version_dir, built_seed, seed)
                 overwrite = True

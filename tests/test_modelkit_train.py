@@ -99,6 +99,9 @@ def test_manifest_records_how_reproducible_the_build_was(built: dict) -> None:
     assert facts["seed"] == 1 and facts["op_determinism"] is True
     assert facts["deterministic"] == (facts["inter_op_threads"] == 1)
     assert len(facts["weights_sha256"]) == 64 and isinstance(facts["cpu_flags"], list)
+    convergence = built["manifest"]["training"]["convergence"]
+    assert convergence["epochs_run"] == len(convergence["loss_per_epoch"]) == 1  # epochs=1: the cap
+    assert convergence["converged"] == (convergence["final_loss"] < 0.05)
 
 
 def test_training_twice_with_one_seed_gives_the_same_weights(built: dict) -> None:
