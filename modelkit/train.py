@@ -124,7 +124,7 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
         _LOGGER.warning("training loss is %.3f after %d epochs (target %.2f): the model may be weak; "
                         "try another --seed or more --epochs", losses[-1], len(losses), CONVERGED_LOSS)
     reproducibility["weights_sha256"] = weights_fingerprint(model)
-    _LOGGER.info("trained %d epochs in %.1f s (weights %s)", settings.epochs, train_s,
+    _LOGGER.info("trained %d epochs in %.1f s (weights %s)", len(losses), train_s,
                  reproducibility["weights_sha256"][:12])
 
     target.parent.mkdir(parents=True, exist_ok=True)

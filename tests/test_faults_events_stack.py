@@ -191,8 +191,8 @@ def test_trigger_down_mid_load_then_reconcile_republish_recovers_every_upload_on
     again = _reconcile(stack, "--prefix", prefix, "--since", "1h", "--min-age", "0s", "--republish")
     time.sleep(5)  # anything republished twice would land now
     final = wait_for_keys(stack, run_id, expected=len(items), timeout_s=10)
-    report("Eventarc stand-in killed, trigger subscription gone mid-load; reconcile --republish",
-           len(items), final)
+    report(f"Eventarc stand-in killed and its subscription gone mid-load ({lost} events lost); "
+           "reconcile --republish", len(items), final)
 
     assert republished.returncode == 0 and again.returncode == 0, republished.stderr + again.stderr
     assert counts["results"] + counts["errors"] == len(items)
