@@ -22,6 +22,7 @@ WORKDIR /app
 # localcloud finds sql/ next to its package (REPO_ROOT / "sql").
 COPY localcloud/ /app/localcloud/
 COPY worker/ /app/worker/
+COPY modelspec/ /app/modelspec/
 COPY sql/ /app/sql/
 COPY docker/compose_init.py /app/compose_init.py
 ENV PATH="/opt/venv/bin:${PATH}" \

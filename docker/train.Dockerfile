@@ -26,6 +26,7 @@ COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
 COPY worker/ /app/worker/
 COPY modelkit/ /app/modelkit/
+COPY modelspec/ /app/modelspec/
 ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \

@@ -28,7 +28,7 @@ COPY worker/ /app/worker/
 # The job contract `python -m worker reconcile` republishes with; worker/job_contract.py loads it
 # from ../functions/ (one source with the Cloud Function).
 COPY functions/storage_job.py /app/functions/storage_job.py
-COPY modelkit/ /app/modelkit/
+COPY modelspec/ /app/modelspec/
 COPY build/models/demo/1/ /models/demo/1/
 ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONPATH=/app \

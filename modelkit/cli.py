@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from modelkit.errors import ManifestError, ModelkitError
+from modelkit.errors import ContractError, ManifestError, ModelkitError
 
 _LOGGER = logging.getLogger("modelkit")
 DEMO_PER_CLASS = 300
@@ -32,7 +32,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ModelkitError as exc:
+        except (ModelkitError, ContractError) as exc:
             raise _Failure(str(exc)) from None
 
 
@@ -96,7 +96,7 @@ def build_demo(dataset_dir: Path, models_root: Path, name: str, version: int, se
     """Reuse MODELS_ROOT/NAME/VERSION if it verifies and was trained with SEED; else build the demo
     dataset (if missing), train and export it."""
     from modelkit.layout import FORMS, REQUIRED_FILES
-    from modelkit.manifest import verify_manifest
+    from modelspec.manifest import verify_manifest
 
     version_dir = models_root / name / str(version)
     overwrite = False
@@ -134,7 +134,7 @@ def build_demo(dataset_dir: Path, models_root: Path, name: str, version: int, se
 @click.argument("version_dir", type=click.Path(path_type=Path))
 def verify(version_dir: Path) -> None:
     """Check VERSION_DIR against its manifest (every file's sha256)."""
-    from modelkit.manifest import verify_manifest
+    from modelspec.manifest import verify_manifest
 
     manifest = verify_manifest(version_dir)
     click.echo(
@@ -165,7 +165,7 @@ def parity(model_dir: Path, dataset_dir: Path | None, engine_specs: str, tfservi
            tfserving_grpc: str | None, batch_size: int, limit: int | None) -> None:
     """Compare every engine x precision with the TensorFlow reference on the held-out images:
     max |d logit|, label flips, latency. Exits 1 when any case is outside its tolerance."""
-    from modelkit.manifest import verify_manifest
+    from modelspec.manifest import verify_manifest
 
     specs = [spec.strip() for spec in engine_specs.split(",") if spec.strip()]
     for spec in specs:
@@ -233,7 +233,7 @@ def publish(version_dir: Path, destination: str, project: str | None, overwrite:
     <path>/<name>/<version>/, manifest last. Honours STORAGE_EMULATOR_HOST."""
     from google.auth.exceptions import DefaultCredentialsError
 
-    from modelkit.manifest import verify_manifest
+    from modelspec.manifest import verify_manifest
     from modelkit.publish import parse_destination, publish_version
     from worker.clients import storage_client
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from modelspec.errors import ContractError, ManifestError, SpecError  # noqa: F401  (the contract's own)
+
 
 class ModelkitError(Exception):
     """A problem the user can fix (bad input, bad files); never a bug in modelkit itself."""
@@ -11,8 +13,6 @@ class DatasetError(ModelkitError):
     """The image folder cannot be used for training."""
 
 
-class ManifestError(ModelkitError):
-    """A model version directory is missing, incomplete or does not match its manifest."""
 
 
 class ExportError(ModelkitError):

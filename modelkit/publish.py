@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelkit.errors import ModelkitError
-from modelkit.manifest import MANIFEST_NAME, verify_manifest
+from modelspec.manifest import MANIFEST_NAME, verify_manifest
 
 _LOGGER = logging.getLogger(__name__)
 

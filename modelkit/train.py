@@ -26,7 +26,7 @@ import tensorflow as tf
 from modelkit import export
 from modelkit.dataset import LabelledImages, held_out_fingerprint, stratified_split
 from modelkit.errors import ExportError
-from modelkit.manifest import verify_manifest, write_manifest
+from modelspec.manifest import verify_manifest, write_manifest
 from modelkit.metrics import CONFUSION_MATRIX_LAYOUT, binary_metrics
 from worker.preprocess import IMAGE_SIZE, PREPROCESSING_SPEC
 

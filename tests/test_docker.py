@@ -27,7 +27,7 @@ COMPOSE = DOCKER / "docker-compose.yml"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 DIGEST_PIN = re.compile(r"^[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}$")
 EXACT_TAG = re.compile(r"^[\w./-]+:v?\d+(\.\d+)+[\w.-]*$")
-LOCAL_PACKAGES = ("worker", "modelkit", "localcloud")
+LOCAL_PACKAGES = ("worker", "modelkit", "modelspec", "localcloud")
 
 
 # --- A Dockerfile reader ------------------------------------------------------------------------

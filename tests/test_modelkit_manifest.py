@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.errors import ManifestError
+from modelspec.errors import ManifestError
 from modelkit.layout import WARMUP_RECORDS
-from modelkit.manifest import MANIFEST_NAME, form_path, load_manifest, verify_manifest, write_manifest
+from modelspec.manifest import MANIFEST_NAME, form_path, load_manifest, verify_manifest, write_manifest
 from modelkit.metrics import binary_metrics
 
 REPO = Path(__file__).resolve().parents[1]

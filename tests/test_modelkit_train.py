@@ -12,7 +12,7 @@ import pytest
 
 from modelkit.dataset import load_labelled_folder, make_demo_dataset
 from modelkit.errors import ExportError
-from modelkit.manifest import hash_tree, verify_manifest
+from modelspec.manifest import hash_tree, verify_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

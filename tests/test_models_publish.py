@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from modelkit.manifest import MANIFEST_NAME, write_manifest
+from modelspec.manifest import MANIFEST_NAME, write_manifest
 from modelkit.publish import PublishError, publish_version
 from worker.models import ModelLocationError, locate_model
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from modelkit.errors import ManifestError
-from modelkit.manifest import MANIFEST_NAME, verify_manifest
+from modelspec.errors import ManifestError
+from modelspec.manifest import MANIFEST_NAME, verify_manifest
 
 _LOGGER = logging.getLogger(__name__)
 GCS_SCHEME = "gs://"

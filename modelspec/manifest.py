@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modelkit.errors import ManifestError
+from modelspec.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 REQUIRED_KEYS = (
