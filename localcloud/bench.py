@@ -213,11 +213,13 @@ def engine_overhead(model_dir, engine: str, precision: str, batch_size: int, rou
     batch, interleaved A/B in one process, so machine noise hits both alike. Above 1.0 is what the
     worker adds around the engine call."""
     from worker.batch import BatchRunner, Delivery, Tables
-    from worker.preprocess import DecodeLimits, decode_image
+    from modelspec.preprocess import DecodeLimits, preprocess_image
+    from modelspec.spec import spec_from_manifest
 
     instance, manifest = _loaded_engine(model_dir, engine, precision)
     images = {f"{index}.png": data for index, data in enumerate(bench_images(batch_size, seed=7))}
-    pixels = np.stack([decode_image(data) for data in images.values()])
+    spec = spec_from_manifest(manifest)
+    pixels = np.stack([preprocess_image(data, spec) for data in images.values()])
     sink = _NullSink()
     with ThreadPoolExecutor(8) as pool:
         runner = BatchRunner(engine=instance, manifest=manifest, fetcher=_MemoryFetcher(images), sink=sink,

@@ -177,11 +177,14 @@ def parity(model_dir: Path, dataset_dir: Path | None, engine_specs: str, tfservi
     import numpy as np
 
     from modelkit import parity as checks
-    from worker.preprocess import decode_image
+    from modelspec.preprocess import preprocess_image
+    from modelspec.spec import spec_from_manifest
 
     held_out = checks.held_out_images(manifest, dataset_dir)
     data, labels = held_out.data[:limit], held_out.labels[:limit]
-    reference = checks.reference_logits(model_dir, np.stack([decode_image(item) for item in data]), batch_size)
+    spec = spec_from_manifest(manifest)
+    reference = checks.reference_logits(model_dir, np.stack([preprocess_image(item, spec) for item in data]),
+                                        batch_size)
     standin = None
     needs_standin = any(spec.startswith("tfserving") for spec in specs) and not (tfserving_url and tfserving_grpc)
     if needs_standin:
@@ -193,7 +196,7 @@ def parity(model_dir: Path, dataset_dir: Path | None, engine_specs: str, tfservi
         cases = [_parity_case(spec, model_dir, manifest, tfserving_url or (standin and standin.rest_url),
                               tfserving_grpc or (standin and standin.grpc_target)) for spec in specs]
         threshold = checks.threshold_logit(float(manifest["threshold"]))
-        rows = [checks.run_case(case, data, labels, reference, threshold, batch_size) for case in cases]
+        rows = [checks.run_case(case, data, labels, reference, threshold, spec, batch_size) for case in cases]
     finally:
         if standin:
             standin.stop()

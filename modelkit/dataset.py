@@ -1,7 +1,7 @@
 """Image folders for training: the offline demo dataset and the loader for any two-class folder.
 
-The loader decodes with `worker.preprocess.decode_image`, the function the worker serves with, so
-training pixels and serving pixels cannot drift apart.
+The loader decodes with `modelspec.preprocess.preprocess_image` and the seed CNN's spec: the
+function and spec the worker serves with, so training pixels and serving pixels cannot drift apart.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from modelkit.errors import DatasetError
-from worker.preprocess import ImageRejected, decode_image
+from modelspec.preprocess import ImageRejected, preprocess_image
+from modelspec.spec import demo_spec
 
 __all__ = [
     "DEMO_NOTE",
@@ -34,6 +35,8 @@ __all__ = [
 _LOGGER = logging.getLogger(__name__)
 
 DATASET_INFO_NAME = "dataset.json"
+# The seed CNN's input and preprocessing (class names come from the folder, later).
+TRAINING_SPEC = demo_spec()
 # Class folder -> the scikit-image loader of the 512x512 grayscale texture it is cropped from.
 # Both images ship inside the scikit-image wheel (skimage/data/*.png): no network needed.
 DEMO_SOURCES = {"grass": "grass", "moon": "moon"}
@@ -152,7 +155,7 @@ def load_labelled_folder(root: Path) -> LabelledImages:
         readable = 0
         for path in files:
             try:
-                images.append(decode_image(path.read_bytes()))
+                images.append(preprocess_image(path.read_bytes(), TRAINING_SPEC))
             except (ImageRejected, OSError) as exc:
                 skipped.append((path, str(exc)))
                 continue

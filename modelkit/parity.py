@@ -1,9 +1,9 @@
 """Parity: every engine and precision against the TensorFlow reference, on held-out images.
 
 The reference is the SavedModel's serving signature run directly with TensorFlow on pixels from
-`worker.preprocess.decode_image`. Each case builds its engine the way the worker does
-(`worker.engines.create_engine`), decodes the same image *bytes* with its own preprocessing
-function (the worker's, unless a test swaps it), and is compared on logits: probabilities
+`modelspec.preprocess.preprocess_image` and the manifest's spec. Each case builds its engine the way
+the worker does (`worker.engines.create_engine`), decodes the same image *bytes* with the spec (or
+its own preprocessing function, when a test swaps it), and is compared on logits: probabilities
 saturate and hide differences.
 
 Tolerances are keyed by the precision setting (a path set to f32 must meet the f32 bound, whatever
@@ -30,7 +30,8 @@ from modelkit.errors import ModelkitError
 
 F32_EPS = float(np.finfo(np.float32).eps)
 from worker.engines import Engine
-from worker.preprocess import decode_image
+from modelspec.preprocess import preprocess_image
+from modelspec.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class Case:
     engine: str
     precision: str  # the setting (WORKER_PRECISION)
     make: Callable[[], Engine]
-    preprocess: Callable[[bytes], np.ndarray] = decode_image
+    # None: the model's own spec, run by preprocess_image (tests swap in wrong wiring here)
+    preprocess: Callable[[bytes], np.ndarray] | None = None
     label: str = ""  # e.g. "rest" for tfserving
 
     @property
@@ -155,7 +157,8 @@ def reference_logits(version_dir: Path, images: np.ndarray, batch_size: int = 32
 
 
 def run_case(case: Case, data: tuple[bytes, ...], labels: np.ndarray, reference: np.ndarray,
-             threshold_logit: float, batch_size: int = 32, timing_batches: int = 5) -> Row:
+             threshold_logit: float, spec: ModelSpec, batch_size: int = 32, timing_batches: int = 5) -> Row:
+    prepare = case.preprocess or (lambda item: preprocess_image(item, spec))
     row = Row(engine=case.name, precision=case.precision, n=len(data))
     try:
         engine = case.make()
@@ -164,7 +167,7 @@ def run_case(case: Case, data: tuple[bytes, ...], labels: np.ndarray, reference:
         info = engine.describe()
         row.effective, row.form = info.precision, info.model_form
         row.tolerance = tolerance_for(case.precision, info.precision)
-        pixels = np.stack([case.preprocess(item) for item in data])
+        pixels = np.stack([prepare(item) for item in data])
         logits = np.concatenate([engine.infer(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
         timings = []
         timing_batch = np.resize(pixels, (batch_size, *pixels.shape[1:]))

@@ -28,7 +28,8 @@ from modelkit.dataset import LabelledImages, held_out_fingerprint, stratified_sp
 from modelkit.errors import ExportError
 from modelspec.manifest import verify_manifest, write_manifest
 from modelkit.metrics import CONFUSION_MATRIX_LAYOUT, binary_metrics
-from worker.preprocess import IMAGE_SIZE, PREPROCESSING_SPEC
+from modelkit.dataset import TRAINING_SPEC
+from modelspec.spec import demo_spec
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def build_model(dropout_rate: float = DROPOUT_RATE) -> keras.Model:
     layers = keras.layers
     model = keras.Sequential(
         [
-            keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name=export.INPUT_NAME),
+            keras.Input(shape=(TRAINING_SPEC.input.height, TRAINING_SPEC.input.width, TRAINING_SPEC.input.channels),
+                        name=export.INPUT_NAME),
             layers.Conv2D(64, 3, activation="relu"),
             layers.MaxPooling2D(2),
             layers.Dropout(dropout_rate),
@@ -281,12 +283,13 @@ def _manifest(
             "keras": keras.__version__,
             "openvino": ov.__version__,
             "numpy": np.__version__,
-            "pillow": PIL.__version__,  # decode_image's resize: pixels depend on it
+            "pillow": PIL.__version__,  # preprocess_image's resize: pixels depend on it
             "python": platform.python_version(),
         },
         "input": {"name": export.INPUT_NAME, "shape": list(export.INPUT_SHAPE), "dtype": "float32"},
         "outputs": {name: name for name in export.OUTPUT_NAMES},
-        "preprocessing": PREPROCESSING_SPEC,
+        "preprocessing": {"function": "modelspec.preprocess.preprocess_image", "spec": "see 'spec'"},
+        "spec": demo_spec(tuple(data.class_names), THRESHOLD).to_dict(),
         "class_names": list(data.class_names),
         "threshold": THRESHOLD,
         "decision": f"class_names[1] ({data.class_names[1]!r}) when probabilities >= threshold, else class_names[0]",

@@ -160,13 +160,15 @@ def _demo_logits(per_class: int) -> tuple[tuple[str, Path, float], ...]:
     """(class name, path, f32 logit) for the first per_class demo images of each class."""
     import openvino as ov
 
-    from worker.preprocess import decode_image
+    from modelspec.preprocess import preprocess_image
+    from modelspec.spec import spec_from_manifest
 
     manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
     compiled = ov.Core().compile_model(str(MODEL_DIR / manifest["forms"]["openvino_fp32"]), "CPU",
                                        {"INFERENCE_PRECISION_HINT": "f32"})
     pairs = demo_images(per_class)
-    pixels = np.stack([decode_image(path.read_bytes()) for _, path in pairs])
+    spec = spec_from_manifest(manifest)
+    pixels = np.stack([preprocess_image(path.read_bytes(), spec) for _, path in pairs])
     logits = compiled(pixels)[compiled.output(manifest["outputs"]["logits"])].ravel()
     return tuple((name, path, float(logit)) for (name, path), logit in zip(pairs, logits))
 

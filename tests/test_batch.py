@@ -16,7 +16,8 @@ from worker.preprocess import DecodeLimits
 from worker.sink import InsertOutcome
 from tests.helpers import png_bytes
 
-MANIFEST = {"name": "demo", "version": "7", "class_names": ["grass", "moon"], "threshold": 0.5}
+MANIFEST = {"name": "demo", "version": "7", "class_names": ["grass", "moon"], "threshold": 0.5,
+            "input": {"name": "image", "shape": [None, 128, 128, 1], "dtype": "float32"}}
 
 
 class FakeEngine:

@@ -19,7 +19,7 @@ from tests.floats import assert_f32_close
 from tests.helpers import demo_images
 from worker.engines import ENGINE_PRECISIONS, TFServingOptions, create_engine
 from worker.engines.tfserving_engine import TFServingError, encode_json_array
-from worker.preprocess import decode_image
+from modelspec.preprocess import preprocess_image
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,12 @@ def manifest(model_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def images() -> np.ndarray:
+def images(manifest) -> np.ndarray:
     """Real decoded demo crops (noise would saturate the sigmoid and hide differences)."""
-    return np.stack([decode_image(path.read_bytes()) for _, path in demo_images(per_class=20)])
+    from modelspec.spec import spec_from_manifest
+
+    spec = spec_from_manifest(manifest)
+    return np.stack([preprocess_image(path.read_bytes(), spec) for _, path in demo_images(per_class=20)])
 
 
 @pytest.fixture(scope="module")

@@ -77,9 +77,10 @@ def test_manifest_content_and_hashes(built: dict) -> None:
     assert (on_disk["name"], on_disk["version"], on_disk["threshold"]) == ("tiny", 3, 0.5)
     assert on_disk["class_names"] == ["grass", "moon"]
     assert on_disk["input"] == {"name": "image", "shape": [None, 128, 128, 1], "dtype": "float32"}
-    from worker.preprocess import PREPROCESSING_SPEC
+    from modelspec.spec import ModelSpec, demo_spec
 
-    assert on_disk["preprocessing"] == json.loads(json.dumps(PREPROCESSING_SPEC))
+    assert on_disk["preprocessing"]["function"] == "modelspec.preprocess.preprocess_image"
+    assert ModelSpec.from_dict(on_disk["spec"]) == demo_spec(("grass", "moon"), 0.5)
     assert set(on_disk["frameworks"]) >= {"tensorflow", "keras", "openvino"}
     for form in ("saved_model", "openvino_fp32", "openvino_fp16", "openvino_int8"):
         metrics = on_disk["metrics"][form]

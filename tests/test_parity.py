@@ -14,12 +14,18 @@ from PIL import Image
 
 from modelkit import parity
 from modelkit.cli import cli
+from modelspec.preprocess import preprocess_image
+from modelspec.spec import demo_spec, spec_from_manifest
 from tests.helpers import DEMO_DATASET
 from worker.engines import create_engine
 from worker.engines.openvino_engine import OpenVINOEngine
-from worker.preprocess import IMAGE_SIZE, decode_image
 
 LIMIT = 60  # held-out images per case in the quick tests (the slow test runs all 180)
+IMAGE_SIZE = demo_spec().input.height
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    return preprocess_image(data, demo_spec())
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,7 @@ def reference(model_dir, held_out) -> np.ndarray:
 def _run(case: parity.Case, held_out, reference, manifest) -> parity.Row:
     threshold = parity.threshold_logit(manifest["threshold"])
     return parity.run_case(case, held_out.data[:LIMIT], held_out.labels[:LIMIT], reference, threshold,
-                           timing_batches=1)
+                           spec_from_manifest(manifest), timing_batches=1)
 
 
 def _openvino_f32(model_dir, manifest):
@@ -171,7 +177,8 @@ def test_int8_saturation_beyond_the_clip_passes_but_a_gap_below_it_fails(model_d
         case = parity.Case("fake", "int8", lambda: Fixed(logits),
                            preprocess=lambda _: np.zeros((IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))
         reference = np.array([-18.0, 3.0], np.float32)
-        return parity.run_case(case, (b"x", b"y"), np.array([0, 1]), reference, 0.0, batch_size=2, timing_batches=1)
+        return parity.run_case(case, (b"x", b"y"), np.array([0, 1]), reference, 0.0, demo_spec(), batch_size=2,
+                               timing_batches=1)
 
     assert run([-12.0, 3.1]).passed
     assert not run([-18.0, 1.0]).passed

@@ -1,4 +1,4 @@
-"""worker.preprocess.decode_image: formats, pixel modes, decode limits, hostile and truncated files.
+"""modelspec.preprocess with the demo CNN's spec: formats, pixel modes, decode limits, hostile and truncated files.
 
 Pure function, no servers: every input is built here in memory.
 """
@@ -15,7 +15,18 @@ import pytest
 import tifffile
 from PIL import Image
 
-from worker.preprocess import IMAGE_SIZE, PREPROCESSING_SPEC, DecodeLimits, ImageRejected, decode_image
+from modelspec.preprocess import DecodeLimits, ImageRejected, preprocess_image
+from modelspec.spec import demo_spec
+
+DEMO = demo_spec()
+IMAGE_SIZE = DEMO.input.height
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """The demo CNN's preprocessing: the cases here are about decoding, tests/test_modelspec.py
+    covers the rest of the spec."""
+    return preprocess_image(data, DEMO, limits)
+
 
 RNG = np.random.default_rng(7)
 GRAY = (RNG.random((150, 210)) * 255).astype(np.uint8)  # not square, not 128: the resize is exercised
@@ -86,7 +97,6 @@ def test_lossless_encodings_of_one_gray_image_decode_identically():
 
 
 def test_sixteen_bit_is_scaled_by_1_over_257_not_clipped():
-    assert "1/257" in PREPROCESSING_SPEC["sixteen_bit"]
     full_range = decode_image(encode(np.full((64, 64), 65535, np.uint16), "PNG"))
     mid = decode_image(encode(np.full((64, 64), 128 * 257, np.uint16), "PNG"))
 
@@ -116,8 +126,8 @@ def test_training_and_serving_share_the_one_function():
     import modelkit.dataset
     import worker.batch
 
-    assert modelkit.dataset.decode_image is decode_image
-    assert worker.batch.decode_image is decode_image
+    assert modelkit.dataset.preprocess_image is preprocess_image
+    assert worker.batch.preprocess_image is preprocess_image
 
 
 # Decode limits and decompression bombs ---------------------------------------------------------

@@ -21,7 +21,8 @@ import numpy as np
 
 from worker.engines.base import Engine
 from worker.jobs import Job, MalformedJob, parse_job, partial_identity
-from worker.preprocess import DecodeLimits, ImageRejected, decode_image
+from modelspec.preprocess import DecodeLimits, ImageRejected, preprocess_image
+from modelspec.spec import spec_from_manifest
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class BatchRunner:
         self._sink = sink
         self._tables = tables
         self._limits = limits
+        self._spec = spec_from_manifest(manifest)
         self._machine_row = machine_row
         self._sample_system = sample_system
         self._pool = io_pool
@@ -370,7 +372,7 @@ class BatchRunner:
             downloaded = time.perf_counter()
             item.download_ms = (downloaded - started) * 1000.0
             try:
-                item.pixels = decode_image(data, self._limits)
+                item.pixels = preprocess_image(data, self._spec, self._limits)
             except ImageRejected as exc:
                 raise PermanentError(exc.reason, str(exc))
             item.preprocess_ms = (time.perf_counter() - downloaded) * 1000.0
