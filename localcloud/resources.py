@@ -89,8 +89,21 @@ def create_bigquery(config: StackConfig) -> None:
                                                             field=partition_field)
         table.clustering_fields = CLUSTERING.get(schema_name)
         client.create_table(table, exists_ok=True, retry=retry)
+        add_missing_columns(client, config.table_id(table_name), table.schema)
     for view_file in sorted(SQL_DIR.glob("views/*.sql")):
         create_view(client, config, view_file)
+
+
+def add_missing_columns(client, table_id: str, schema: list) -> list[str]:
+    """The schema migration: columns the schema file has and the table lacks are added (new
+    columns are NULLABLE or REPEATED, so existing rows stay readable). Returns their names."""
+    table = client.get_table(table_id)
+    present = {field.name for field in table.schema}
+    missing = [field for field in schema if field.name not in present]
+    if missing:
+        table.schema = list(table.schema) + missing
+        client.update_table(table, ["schema"])
+    return [field.name for field in missing]
 
 
 def create_view(client, config: StackConfig, view_file: Path) -> None:

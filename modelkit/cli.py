@@ -184,7 +184,7 @@ def parity(model_dir: Path, dataset_dir: Path | None, engine_specs: str, tfservi
     data, labels = held_out.data[:limit], held_out.labels[:limit]
     spec = spec_from_manifest(manifest)
     reference = checks.reference_logits(model_dir, np.stack([preprocess_image(item, spec) for item in data]),
-                                        batch_size)
+                                        batch_size, spec)
     standin = None
     needs_standin = any(spec.startswith("tfserving") for spec in specs) and not (tfserving_url and tfserving_grpc)
     if needs_standin:

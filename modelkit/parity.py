@@ -144,16 +144,21 @@ def held_out_images(manifest: dict[str, Any], dataset_dir: Path | None = None) -
     return HeldOut(paths=paths, labels=data.labels[test_idx], data=tuple(p.read_bytes() for p in paths))
 
 
-def reference_logits(version_dir: Path, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """TensorFlow, the SavedModel's serving_default signature, nothing else in between."""
+def reference_logits(version_dir: Path, images: np.ndarray, batch_size: int = 32,
+                     spec: ModelSpec | None = None) -> np.ndarray:
+    """TensorFlow, the SavedModel's serving_default signature, nothing else in between:
+    (n, units), the spec's output."""
     import tensorflow as tf
 
-    from modelkit.layout import INPUT_NAME, SIGNATURE
+    from modelkit.layout import SIGNATURE
+    from modelspec.manifest import load_manifest
+    from modelspec.spec import spec_from_manifest
 
+    spec = spec or spec_from_manifest(load_manifest(version_dir))
     signature = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE]
-    parts = [signature(**{INPUT_NAME: tf.constant(images[i : i + batch_size])})["logits"].numpy()
+    parts = [signature(**{spec.input.name: tf.constant(images[i : i + batch_size])})[spec.output.name].numpy()
              for i in range(0, len(images), batch_size)]
-    return np.concatenate(parts).reshape(-1).astype(np.float32)
+    return np.concatenate(parts).reshape(len(images), -1).astype(np.float32)
 
 
 def run_case(case: Case, data: tuple[bytes, ...], labels: np.ndarray, reference: np.ndarray,
@@ -168,7 +173,8 @@ def run_case(case: Case, data: tuple[bytes, ...], labels: np.ndarray, reference:
         row.effective, row.form = info.precision, info.model_form
         row.tolerance = tolerance_for(case.precision, info.precision)
         pixels = np.stack([prepare(item) for item in data])
-        logits = np.concatenate([engine.infer(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        logits = np.concatenate([engine.infer(pixels[i : i + batch_size])
+                                 for i in range(0, len(pixels), batch_size)]).reshape(len(pixels), -1)
         timings = []
         timing_batch = np.resize(pixels, (batch_size, *pixels.shape[1:]))
         for _ in range(timing_batches):
@@ -179,6 +185,7 @@ def run_case(case: Case, data: tuple[bytes, ...], labels: np.ndarray, reference:
         row.error = f"{type(exc).__name__}: {exc}"
         return row
     tolerance = row.tolerance
+    reference = np.asarray(reference, dtype=np.float32).reshape(len(logits), -1)
     ours, theirs = logits.astype(np.float64), reference.astype(np.float64)
     if tolerance.clip is not None:
         ours, theirs = np.clip(ours, -tolerance.clip, tolerance.clip), np.clip(theirs, -tolerance.clip, tolerance.clip)
@@ -186,11 +193,17 @@ def run_case(case: Case, data: tuple[bytes, ...], labels: np.ndarray, reference:
     bound = tolerance.atol + tolerance.rtol * np.abs(theirs)
     row.max_abs_diff = float(np.abs(logits.astype(np.float64) - reference).max())  # unclipped, for the record
     row.worst_ratio = float((diff / bound).max())
-    # A reference logit within the tolerance of the threshold may fall on either side by rounding
-    # alone: only a clearly decided image can flip.
-    decided = np.abs(reference.astype(np.float64) - threshold_logit) > tolerance.atol + tolerance.rtol * np.abs(reference)
-    row.flips = int(np.sum(decided & ((logits >= threshold_logit) != (reference >= threshold_logit))))
-    row.accuracy = float(np.mean((logits >= threshold_logit).astype(int) == labels))
+    # A reference within the tolerance of the decision (the threshold; for N classes, the runner-up)
+    # may fall on either side by rounding alone: only a clearly decided image can flip.
+    if logits.shape[1] == 1:
+        decided = np.abs(theirs[:, 0] - threshold_logit) > bound[:, 0]
+        ours_top, theirs_top = (logits[:, 0] >= threshold_logit).astype(int), (reference[:, 0] >= threshold_logit)
+    else:
+        ranked = np.sort(theirs, axis=1)
+        decided = ranked[:, -1] - ranked[:, -2] > 2 * bound.max(axis=1)
+        ours_top, theirs_top = logits.argmax(axis=1), reference.argmax(axis=1)
+    row.flips = int(np.sum(decided & (ours_top != theirs_top)))
+    row.accuracy = float(np.mean(ours_top == labels))
     row.batch_ms = statistics.median(timings)
     return row
 

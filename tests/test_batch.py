@@ -29,7 +29,7 @@ class FakeEngine:
         if self.fail:
             raise RuntimeError("engine exploded")
         self.batches.append(len(batch))
-        return (batch.mean(axis=(1, 2, 3)) - 0.5).astype(np.float32) * 10
+        return ((batch.mean(axis=(1, 2, 3)) - 0.5).astype(np.float32) * 10)[:, None]  # (n, 1 unit)
 
     def describe(self):
         return EngineInfo("fake", "1.0", "CPU", "f32", "openvino_fp32")

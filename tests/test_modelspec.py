@@ -205,3 +205,53 @@ def test_a_config_the_spec_cannot_express_is_refused_by_key():
         preprocess_from_hf({"size": {"height": 32, "width": 32}, "do_pad": True})
     with pytest.raises(SpecError, match="longest_edge"):
         preprocess_from_hf({"size": {"longest_edge": 1333}})
+
+
+# Outputs -> predictions --------------------------------------------------------------------------
+
+def test_a_binary_logit_gives_each_label_its_own_score():
+    from modelspec.outputs import predictions
+
+    out = demo_spec(("grass", "moon"), threshold=0.5).output
+    grass, moon = predictions(np.array([[-4.0], [3.0]], np.float32), out)
+
+    assert (grass.label, grass.class_index) == ("grass", 0) and grass.score == pytest.approx(1 - 1 / (1 + np.exp(4)))
+    assert (moon.label, moon.class_index) == ("moon", 1) and moon.score == pytest.approx(1 / (1 + np.exp(-3)))
+    assert grass.raw == -4.0 and [c[0] for c in grass.top_k] == ["grass", "moon"]
+
+
+def test_the_threshold_decides_a_binary_model_not_the_larger_score():
+    from modelspec.outputs import predictions
+
+    out = OutputSpec(name="p", kind="probabilities", activation="none", class_names=("ok", "defect"),
+                     threshold=0.3, units=1)
+    (prediction,) = predictions(np.array([[0.35]], np.float32), out)
+
+    assert (prediction.label, prediction.score) == ("defect", pytest.approx(0.35))
+    assert prediction.top_k[0][0] == "ok"  # top-k is by score; the decision is by the threshold
+
+
+def test_softmax_over_n_classes_and_the_top_k_in_order():
+    from modelspec.outputs import class_scores, predictions
+
+    out = OutputSpec(name="logits", activation="softmax", class_names=("a", "b", "c", "d"), top_k=3)
+    logits = np.array([[1.0, 3.0, 2.0, -1.0], [0.0, 0.0, 0.0, 5.0]], np.float32)
+
+    first, second = predictions(logits, out)
+    scores = class_scores(logits, out)
+
+    assert np.allclose(scores.sum(axis=1), 1.0)
+    assert (first.label, first.class_index, first.raw) == ("b", 1, 3.0)
+    assert [label for label, _, _ in first.top_k] == ["b", "c", "a"]
+    assert first.score == pytest.approx(scores[0, 1]) and second.label == "d"
+
+
+def test_probabilities_are_taken_as_they_are_and_a_wrong_width_is_named():
+    from modelspec.outputs import predictions
+
+    out = OutputSpec(name="probs", kind="probabilities", activation="none", class_names=("x", "y", "z"))
+    (prediction,) = predictions(np.array([[0.2, 0.1, 0.7]], np.float32), out)
+
+    assert (prediction.label, prediction.score) == ("z", pytest.approx(0.7))
+    with pytest.raises(SpecError, match="gave 2 numbers per image where its spec says 3"):
+        predictions(np.zeros((1, 2), np.float32), out)

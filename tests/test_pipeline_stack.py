@@ -37,7 +37,14 @@ def test_uploaded_images_become_one_row_each_with_the_right_label(stack):
         assert row["event_key"] == f"{stack.config.bucket}/{row['object_name']}#{generation}"
         assert row["engine"] == "openvino" and row["precision"] == "f32"
         assert row["model_name"] == "demo" and row["model_version"] == manifest_version
-        assert 0.0 <= row["score"] <= 1.0
+        assert 0.5 <= row["score"] <= 1.0  # the label's own score: a binary model's winner has at least 0.5
+        assert row["class_index"] == ["grass", "moon"].index(class_name)
+        assert [(c["label"], c["class_index"]) for c in row["top_k"]] == [(class_name, row["class_index"]),
+                                                                          (({"grass", "moon"} - {class_name}).pop(),
+                                                                           1 - row["class_index"])]
+        assert row["top_k"][0]["score"] == pytest.approx(row["score"])
+        assert row["top_k"][0]["score"] + row["top_k"][1]["score"] == pytest.approx(1.0)
+        assert row["input_spec"] == "128x128x1 NHWC gray"
         assert row["content_type"] == "image/png" and row["size_bytes"] > 0
         assert row["inference_ms"] > 0 and row["total_ms"] >= row["inference_ms"]
         assert row["download_ms"] is not None and row["preprocess_ms"] is not None
@@ -171,3 +178,31 @@ def test_the_worker_acks_only_after_the_row_is_accepted(stack):
     finally:
         stack.stop_worker("worker-late")
         subscriber.delete_subscription(subscription=subscription)
+
+
+def test_a_results_table_from_before_schema_v2_gains_the_new_columns_and_takes_new_rows(stack):
+    """The migration of sql/migrations/002: class_index, top_k and input_spec are added in place."""
+    from google.cloud import bigquery
+
+    from localcloud.resources import add_missing_columns, table_schema
+    from worker.clients import bigquery_client
+
+    config = stack.config
+    client = bigquery_client(config.project, config.client_env())
+    current = [bigquery.SchemaField.from_api_repr(field) for field in table_schema("results")]
+    v2_columns = ["class_index", "top_k", "input_spec"]
+    table_id = config.table_id(f"results_v1_{new_run_id().replace('-', '_')}")
+    client.create_table(bigquery.Table(table_id, schema=[f for f in current if f.name not in v2_columns]))
+
+    added = add_missing_columns(client, table_id, current)
+    row = {"event_key": "b/o#1", "label": "moon", "score": 0.9, "model_name": "demo", "model_version": "1",
+           "engine": "openvino", "processed_at": "2026-12-01T00:00:00+00:00", "class_index": 1,
+           "top_k": [{"label": "moon", "score": 0.9, "class_index": 1}], "input_spec": "128x128x1 NHWC gray"}
+    required = {f.name for f in current if f.mode == "REQUIRED"} - set(row)
+    filler = {"INTEGER": 1, "FLOAT": 0.0, "TIMESTAMP": "2026-12-01T00:00:00+00:00", "BOOLEAN": False, "STRING": "x"}
+    row.update({f.name: filler[f.field_type] for f in current if f.name in required})
+    errors = client.insert_rows_json(table_id, [row])
+
+    assert added == v2_columns
+    assert errors == []
+    assert add_missing_columns(client, table_id, current) == []

@@ -22,6 +22,7 @@ import numpy as np
 from worker.engines.base import Engine
 from worker.jobs import Job, MalformedJob, parse_job, partial_identity
 from modelspec.preprocess import DecodeLimits, ImageRejected, preprocess_image
+from modelspec.outputs import Prediction, predictions
 from modelspec.spec import spec_from_manifest
 
 _LOGGER = logging.getLogger(__name__)
@@ -218,10 +219,10 @@ class BatchRunner:
 
         processed_at = dt.datetime.now(dt.timezone.utc)
         timing = _BatchTiming(batch_started, fetched, infer_started, batch_ms)
+        decided = predictions(logits, self._spec.output) if ready else []
         result_rows = [
-            self._result_row(item, float(logit), float(score), len(ready), timing, processed_at, system,
-                             report.batch_id)
-            for item, logit, score in zip(ready, logits if ready else [], sigmoid(logits) if ready else [])
+            self._result_row(item, prediction, len(ready), timing, processed_at, system, report.batch_id)
+            for item, prediction in zip(ready, decided)
         ]
         if ready:
             self._cold = False
@@ -381,11 +382,10 @@ class BatchRunner:
         except Exception as exc:  # network, server 5xx, timeouts: worth another delivery
             item.transient = f"download of gs://{job.bucket}/{job.name} failed: {exc!r}"
 
-    def _result_row(self, item: _Item, logit: float, score: float, batch_size: int, timing: "_BatchTiming",
+    def _result_row(self, item: _Item, prediction: Prediction, batch_size: int, timing: "_BatchTiming",
                     processed_at: dt.datetime, system: dict, batch_id: str) -> dict:
         job, delivery = item.job, item.delivery
         batch_ms = timing.inference_ms
-        positive = score >= self._threshold
         info = self._info
         return {
             "event_key": job.event_key,
@@ -396,10 +396,14 @@ class BatchRunner:
             "size_bytes": job.size,
             "content_type": job.content_type,
             "object_created_at": _iso(job.time_created),
-            "label": self._class_names[1 if positive else 0],
-            "score": score,
-            "logit": logit,
-            "threshold": self._threshold,
+            "label": prediction.label,
+            "score": prediction.score,  # the label's own score
+            "class_index": prediction.class_index,
+            "top_k": [{"label": label, "score": score, "class_index": index}
+                      for label, score, index in prediction.top_k],
+            "logit": prediction.raw,
+            "threshold": self._threshold if self._spec.output.width == 1 else None,
+            "input_spec": self._spec.summary(),
             "model_name": self._model_name,
             "model_version": self._model_version,
             "model_form": info.model_form,

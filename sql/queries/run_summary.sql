@@ -1,5 +1,5 @@
--- Per label for one run (the table `make demo` prints): images, mean score, and inference and
--- total time in ms, rounded for the terminal.
+-- Per label for one run (the table `make demo` prints): images, mean score (each row's score is its own
+-- label's, schema v2), and inference and total time in ms, rounded for the terminal.
 -- Parameters: @run_id STRING (the run to summarise; NULL = every row).
 -- Columns: label, images, mean_score, mean_inference_ms, p50/p95_inference_ms, mean_total_ms,
 --   p50/p95_total_ms.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelspec.spec import spec_from_manifest
 from worker.engines.base import Engine, EngineInfo
 
 __all__ = ["ENGINE_PRECISIONS", "Engine", "EngineInfo", "TFServingOptions", "create_engine"]
@@ -38,6 +39,7 @@ def create_engine(engine: str, precision: str, model_dir: Path, manifest: dict,
         raise ValueError(f"engine {engine!r} does not run precision {precision!r} "
                          f"(it runs {', '.join(ENGINE_PRECISIONS[engine])})")
     model_dir = Path(model_dir)
+    spec = spec_from_manifest(manifest)
     forms: dict[str, str] = manifest.get("forms", {})
     if engine == "openvino":
         from worker.engines.openvino_engine import PRECISIONS, OpenVINOEngine
@@ -47,13 +49,14 @@ def create_engine(engine: str, precision: str, model_dir: Path, manifest: dict,
             # Never fall back silently to another IR: the row would claim a precision it did not get.
             raise ValueError(f"model {manifest['name']}/{manifest['version']} has no form {form!r} for precision "
                              f"{precision!r} (forms: {', '.join(sorted(forms))}); rebuild it with this modelkit")
-        return OpenVINOEngine(model_dir / forms[form], model_form=form, precision=precision, threads=threads)
+        return OpenVINOEngine(model_dir / forms[form], model_form=form, precision=precision, threads=threads,
+                              spec=spec)
     if "saved_model" not in forms:
         raise ValueError(f"model {manifest['name']}/{manifest['version']} has no saved_model form")
     if engine == "tensorflow":
         from worker.engines.tensorflow_engine import TensorFlowEngine
 
-        return TensorFlowEngine(model_dir / forms["saved_model"], model_form="saved_model")
+        return TensorFlowEngine(model_dir / forms["saved_model"], model_form="saved_model", spec=spec)
     from worker.engines.tfserving_engine import TFServingEngine
 
     if tfserving is None or not tfserving.url:
@@ -64,4 +67,5 @@ def create_engine(engine: str, precision: str, model_dir: Path, manifest: dict,
         model_version=int(manifest["version"]),
         protocol=tfserving.protocol,
         timeout_s=tfserving.timeout_s,
+        spec=spec,
     )

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.engines.base import EngineInfo, warmup_batch
+from modelspec.spec import ModelSpec, demo_spec
+from worker.engines.base import EngineInfo, in_fixed_batches, warmup_batch
 
 # Precision setting -> (IR form, OpenVINO INFERENCE_PRECISION_HINT). "default" leaves the plugin's
 # choice (bf16 on CPUs with AMX/avx512_bf16). "int8" selects the NNCF-quantized IR; its layers
@@ -26,7 +27,7 @@ _RUNTIME_NAMES = {"u8": "int8", "i8": "int8", "f32": "f32", "bf16": "bf16", "f16
 
 class OpenVINOEngine:
     def __init__(self, model_xml: Path, model_form: str, precision: str = "f32", device: str = "CPU",
-                 threads: int = 0):
+                 threads: int = 0, spec: ModelSpec | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.model_xml = Path(model_xml)
@@ -34,8 +35,10 @@ class OpenVINOEngine:
         self.precision = precision
         self.device = device
         self.threads = threads  # 0: the plugin's choice (every core)
+        self.spec = spec or demo_spec()
         self._compiled = None
         self._logits_output = None
+        self._fixed_batch: int | None = None
         self._local = threading.local()
         self._info: EngineInfo | None = None
 
@@ -54,8 +57,10 @@ class OpenVINOEngine:
             # On a machine shared with other busy processes, a call spread over every core waits
             # for its slowest thread; fewer threads can be faster there.
             config["INFERENCE_NUM_THREADS"] = str(self.threads)
-        self._compiled = core.compile_model(core.read_model(self.model_xml), self.device, config)
-        self._logits_output = _find_output(self._compiled, "logits")
+        model = core.read_model(self.model_xml)
+        self._fixed_batch = _free_the_batch(model)
+        self._compiled = core.compile_model(model, self.device, config)
+        self._logits_output = _find_output(self._compiled, self.spec.output.name)
         self._info = EngineInfo(
             name="openvino",
             version=ov.get_version().split("-")[0],
@@ -66,15 +71,18 @@ class OpenVINOEngine:
 
     def warmup(self) -> None:
         for batch_size in (1, 8, 32):
-            self.infer(warmup_batch(batch_size))
+            self.infer(warmup_batch(batch_size, spec=self.spec))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return in_fixed_batches(self._infer_once, batch, self._fixed_batch)
+
+    def _infer_once(self, batch: np.ndarray) -> np.ndarray:
         request = getattr(self._local, "request", None)
         if request is None:
             # One infer request per thread: a request is not safe to share between threads.
             request = self._local.request = self._compiled.create_infer_request()
         result = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.asarray(result[self._logits_output], dtype=np.float32).reshape(len(batch))
+        return np.asarray(result[self._logits_output], dtype=np.float32).reshape(len(batch), -1)
 
     def describe(self) -> EngineInfo:
         if self._info is None:
@@ -100,6 +108,23 @@ def effective_precision(compiled) -> str:
         return hint
     order = ("int8", "f16", "bf16", "f32")
     return "+".join(sorted(found, key=lambda name: (order.index(name) if name in order else len(order), name)))
+
+
+def _free_the_batch(model) -> int | None:
+    """Make a fixed batch dimension dynamic where OpenVINO can reshape the model; None when it is
+    (or already was) dynamic, else the fixed size that calls must keep."""
+    shape = model.inputs[0].get_partial_shape()
+    if shape.rank.is_dynamic or shape[0].is_dynamic:
+        return None
+    fixed = shape[0].get_length()
+    try:
+        import openvino as ov
+
+        dims = [ov.Dimension(-1)] + [shape[i] for i in range(1, shape.rank.get_length())]
+        model.reshape({model.inputs[0]: ov.PartialShape(dims)})
+        return None
+    except Exception:  # some graphs bake the batch size into a Reshape: keep it and split calls
+        return fixed
 
 
 def _find_output(compiled, wanted: str):

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.engines.base import EngineInfo, warmup_batch
+from modelspec.spec import ModelSpec, demo_spec
+from worker.engines.base import EngineInfo, in_fixed_batches, warmup_batch
 
 SIGNATURE = "serving_default"
-INPUT_NAME = "image"
-LOGITS = "logits"
 
 
 class TensorFlowEngine:
-    def __init__(self, saved_model_dir: Path, model_form: str = "saved_model"):
+    def __init__(self, saved_model_dir: Path, model_form: str = "saved_model", spec: ModelSpec | None = None):
         self.saved_model_dir = Path(saved_model_dir)
         self.model_form = model_form
+        self.spec = spec or demo_spec()
         self._tf = None
         self._signature = None
         self._loaded = None
@@ -42,13 +42,14 @@ class TensorFlowEngine:
         self._signature = loaded.signatures[SIGNATURE]
         self._loaded = loaded  # keeps the variables the signature captures alive
         outputs = self._signature.structured_outputs
-        if LOGITS not in outputs:
-            raise RuntimeError(f"signature {SIGNATURE!r} has no {LOGITS!r} output (has {sorted(outputs)})")
+        wanted = self.spec.output.name
+        if wanted not in outputs:
+            raise RuntimeError(f"signature {SIGNATURE!r} has no {wanted!r} output (has {sorted(outputs)})")
         self._info = EngineInfo(
             name="tensorflow",
             version=tf.__version__,
             device=self._device_name(tf),
-            precision=_precision(tf, outputs[LOGITS].dtype),
+            precision=_precision(tf, outputs[wanted].dtype),
             model_form=self.model_form,
         )
 
@@ -58,12 +59,15 @@ class TensorFlowEngine:
 
     def warmup(self) -> None:
         for batch_size in (1, 8, 32):
-            self.infer(warmup_batch(batch_size))
+            self.infer(warmup_batch(batch_size, spec=self.spec))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return in_fixed_batches(self._infer_once, batch, self.spec.input.batch)
+
+    def _infer_once(self, batch: np.ndarray) -> np.ndarray:
         tensor = self._tf.constant(np.ascontiguousarray(batch, dtype=np.float32))
-        outputs = self._signature(**{INPUT_NAME: tensor})
-        return outputs[LOGITS].numpy().astype(np.float32, copy=False).reshape(len(batch))
+        outputs = self._signature(**{self.spec.input.name: tensor})
+        return outputs[self.spec.output.name].numpy().astype(np.float32, copy=False).reshape(len(batch), -1)
 
     def describe(self) -> EngineInfo:
         if self._info is None:

@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from worker.engines.base import EngineInfo, warmup_batch
+from modelspec.spec import ModelSpec, demo_spec
+from worker.engines.base import EngineInfo, in_fixed_batches, warmup_batch
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
@@ -48,7 +49,7 @@ class TFServingEngine:
     serialize_calls = False
 
     def __init__(self, url: str, model_name: str, model_version: int | None, protocol: str = "rest",
-                 timeout_s: float = 10.0, model_form: str = "saved_model"):
+                 timeout_s: float = 10.0, model_form: str = "saved_model", spec: ModelSpec | None = None):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
         self.url = url
@@ -57,14 +58,16 @@ class TFServingEngine:
         self.protocol = protocol
         self.timeout_s = timeout_s
         self.model_form = model_form
+        self.spec = spec or demo_spec()
         self._client: _RestClient | _GrpcClient | None = None
         self._info: EngineInfo | None = None
 
     def load(self) -> None:
         client_class = _RestClient if self.protocol == "rest" else _GrpcClient
         self._client = client_class(self.url, self.model_name, self.model_version, self.timeout_s)
+        self._client.input_name, self._client.output_name = self.spec.input.name, self.spec.output.name
         self._client.check_available()
-        output_dtype = self._client.output_dtype(LOGITS)
+        output_dtype = self._client.output_dtype(self.spec.output.name)
         self._info = EngineInfo(
             name="tfserving",
             version=self.protocol,  # TF Serving's API does not expose the server's version
@@ -75,12 +78,15 @@ class TFServingEngine:
 
     def warmup(self) -> None:
         for batch_size in (1, 8, 32):
-            self.infer(warmup_batch(batch_size))
+            self.infer(warmup_batch(batch_size, spec=self.spec))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return in_fixed_batches(self._infer_once, batch, self.spec.input.batch)
+
+    def _infer_once(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         logits = self._client.predict_logits(batch)
-        return np.asarray(logits, dtype=np.float32).reshape(len(batch))
+        return np.asarray(logits, dtype=np.float32).reshape(len(batch), -1)
 
     def describe(self) -> EngineInfo:
         if self._info is None:
@@ -91,6 +97,8 @@ class TFServingEngine:
 # REST ---------------------------------------------------------------------------------------
 
 class _RestClient:
+    input_name, output_name = INPUT_NAME, LOGITS  # the spec's, set by the engine
+
     def __init__(self, url: str, model_name: str, model_version: int | None, timeout_s: float):
         if not url.startswith(("http://", "https://")):
             url = f"http://{url}"
@@ -124,19 +132,20 @@ class _RestClient:
     def output_dtype(self, output: str) -> str:
         metadata = self._get(f"{self.model_path}/metadata")
         signature = metadata["metadata"]["signature_def"]["signature_def"].get(SIGNATURE)
-        if signature is None or output not in signature.get("outputs", {}) or INPUT_NAME not in signature["inputs"]:
-            raise TFServingError(f"{self.model_path}: signature {SIGNATURE!r} lacks input {INPUT_NAME!r} "
+        if (signature is None or output not in signature.get("outputs", {})
+                or self.input_name not in signature["inputs"]):
+            raise TFServingError(f"{self.model_path}: signature {SIGNATURE!r} lacks input {self.input_name!r} "
                                  f"or output {output!r} (metadata: {str(metadata)[:300]})")
         return signature["outputs"][output]["dtype"]
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         url = f"{self.model_path}:predict"
-        body = f'{{"signature_name":"{SIGNATURE}","inputs":{{"{INPUT_NAME}":{encode_json_array(batch)}}}}}'
+        body = f'{{"signature_name":"{SIGNATURE}","inputs":{{"{self.input_name}":{encode_json_array(batch)}}}}}'
         response = self._session().post(url, data=body.encode("ascii"), timeout=self.timeout_s,
                                         headers={"Content-Type": "application/json"})
         outputs = _json_or_raise(response, url)["outputs"]
         # One output comes back bare; several come back as {name: value}.
-        return np.asarray(outputs[LOGITS] if isinstance(outputs, dict) else outputs, dtype=np.float32)
+        return np.asarray(outputs[self.output_name] if isinstance(outputs, dict) else outputs, dtype=np.float32)
 
 
 def _json_or_raise(response, url: str) -> dict:
@@ -176,6 +185,8 @@ def encode_json_array(array: np.ndarray) -> str:
 # gRPC ---------------------------------------------------------------------------------------
 
 class _GrpcClient:
+    input_name, output_name = INPUT_NAME, LOGITS  # the spec's, set by the engine
+
     def __init__(self, url: str, model_name: str, model_version: int | None, timeout_s: float):
         import grpc
         from tensorflow_serving.apis import model_pb2, prediction_service_pb2_grpc
@@ -213,18 +224,18 @@ class _GrpcClient:
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
         signature = signatures.signature_def.get(SIGNATURE)
-        if signature is None or output not in signature.outputs or INPUT_NAME not in signature.inputs:
-            raise TFServingError(f"{self.address}: signature {SIGNATURE!r} lacks input {INPUT_NAME!r} "
+        if signature is None or output not in signature.outputs or self.input_name not in signature.inputs:
+            raise TFServingError(f"{self.address}: signature {SIGNATURE!r} lacks input {self.input_name!r} "
                                  f"or output {output!r}")
         return types_pb2.DataType.Name(signature.outputs[output].dtype)
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         from tensorflow_serving.apis import predict_pb2
 
-        request = predict_pb2.PredictRequest(model_spec=self._spec, output_filter=[LOGITS])
-        request.inputs[INPUT_NAME].CopyFrom(tensor_proto(batch))
+        request = predict_pb2.PredictRequest(model_spec=self._spec, output_filter=[self.output_name])
+        request.inputs[self.input_name].CopyFrom(tensor_proto(batch))
         response = self._stub.Predict(request, timeout=self.timeout_s)
-        return ndarray_from_proto(response.outputs[LOGITS])
+        return ndarray_from_proto(response.outputs[self.output_name])
 
 
 def tensor_proto(array: np.ndarray):

@@ -105,7 +105,7 @@ class Classifier:
     def _infer(self, items: list[tuple[np.ndarray, float]]) -> list[_Inference]:
         batch = np.stack([pixels for pixels, _ in items])
         started_monotonic = time.monotonic()
-        logits = self._engine.infer(batch)
+        logits = self._engine.infer(batch).reshape(len(items), -1)[:, 0]
         returned = time.monotonic()
         batch_ms = (returned - started_monotonic) * 1000.0
         cold, self._cold = self._cold, False
