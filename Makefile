@@ -18,7 +18,7 @@ LOADTEST_ARGS ?=
 # apt-get as root, else through sudo (make wrk).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install model demo up down status test test-fast bench bench-worker wrk loadtest report chromium ci-tools lint-infra lock clean
+.PHONY: help install model demo up down status test test-fast bench bench-preprocess bench-worker wrk loadtest report chromium ci-tools lint-infra lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -80,6 +80,9 @@ test-fast: model ci-tools chromium wrk  ## skip the tests marked slow
 
 bench: model  ## pipeline under load on the local stack (BENCH_ARGS="--images 500 --precisions f32")
 	$(PY) -m localcloud.bench $(BENCH_ARGS)
+
+bench-preprocess: model  ## what preprocessing costs per image, by model spec (1024x768 JPEG/PNG in)
+	$(PY) -m localcloud.bench_preprocess
 
 bench-worker: model  ## the worker alone, draining a pre-filled backlog
 	$(PY) -m localcloud.bench --worker-only $(BENCH_ARGS)

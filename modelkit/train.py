@@ -30,6 +30,7 @@ from modelspec.manifest import verify_manifest, write_manifest
 from modelkit.metrics import CONFUSION_MATRIX_LAYOUT, binary_metrics
 from modelkit.dataset import TRAINING_SPEC
 from modelspec.spec import demo_spec
+from worker.sysinfo import cpu_isa_flags
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -208,16 +209,6 @@ def weights_fingerprint(model: keras.Model) -> str:
     for weight in model.get_weights():
         digest.update(np.ascontiguousarray(weight, dtype=np.float32).tobytes())
     return digest.hexdigest()
-
-
-def cpu_isa_flags() -> list[str]:
-    """The CPU's instruction-set flags that change kernels and hence the last bits of results."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma")
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return [flag for flag in wanted if flag in flags]
 
 
 def calibration_subset(train_idx: np.ndarray, seed: int, size: int = export.CALIBRATION_SIZE) -> np.ndarray:

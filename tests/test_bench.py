@@ -80,3 +80,15 @@ def test_a_small_bench_run_gets_every_row_and_writes_its_table(tmp_path, mode_ar
     assert report.returncode == 0, report.stderr[-3000:]
     assert "reading the last bench's" in report.stderr and "40 result rows" in report.stderr
     assert (tmp_path / "report.html").read_text().count('<img class="plot" src="data:image/svg+xml;base64,') == 3
+
+
+def test_the_preprocessing_bench_times_every_spec_and_format_with_the_machine_facts():
+    from localcloud.bench_preprocess import measure, specs
+
+    result = measure(repeats=3, warmup=1)
+
+    assert {(row["spec"], row["format"]) for row in result["rows"]} == {
+        (name, fmt) for name in specs() for fmt in ("JPEG", "PNG")}
+    assert all(0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] for row in result["rows"])
+    assert isinstance(result["machine"]["cpu_flags"], list) and result["source"]["size"] == "1024x768"
+    assert result["engine_call_ms"]["median_ms"] > 0

@@ -84,3 +84,13 @@ def _on_gce() -> bool:
         return "Google" in Path("/sys/class/dmi/id/product_name").read_text()
     except OSError:
         return False
+
+
+def cpu_isa_flags() -> list[str]:
+    """The CPU's instruction-set flags that change kernels and hence the last bits of results."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma")
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [flag for flag in wanted if flag in flags]
