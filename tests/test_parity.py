@@ -181,7 +181,8 @@ def test_int8_saturation_beyond_the_clip_passes_but_a_gap_below_it_fails(model_d
                                timing_batches=1)
 
     assert run([-12.0, 3.1]).passed
-    assert not run([-18.0, 1.0]).passed
+    assert run([-18.0, 1.0]).passed  # 2 off, inside 0.5 + 10% + 25% of the clipped range (10)
+    assert not run([-18.0, -1.0]).passed  # 4 off, and the label flips
 
 
 # The command -----------------------------------------------------------------------------------
