@@ -4,7 +4,8 @@
 # Build from the repository root after `make model` (the demo model is baked in):
 #   docker build -f docker/worker-openvino.Dockerfile -t worker-openvino .
 # Run: every setting is a WORKER_* variable (worker/settings.py); WORKER_MODEL_DIR points at the
-# baked model. Base image pinned by tag and by the digest of its multi-architecture index.
+# baked model, WORKER_WEB_FRAMEWORK chooses the HTTP face's framework (flask or fastapi). Base image
+# pinned by tag and by the digest of its multi-architecture index.
 
 FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS deps
 ENV PIP_NO_CACHE_DIR=1 \
@@ -35,7 +36,8 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     WORKER_ENGINE=openvino \
-    WORKER_MODEL_DIR=/models/demo/1
+    WORKER_MODEL_DIR=/models/demo/1 \
+    WORKER_WEB_FRAMEWORK=flask
 USER 10001:10001
 # GET /healthz on 8080: liveness (the instance group's autohealing uses it too); compose waits on
 # /readyz (model warm, pull stream up, BigQuery reachable).
@@ -43,6 +45,7 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 ENTRYPOINT ["python", "-m", "worker"]
-# gunicorn with the HTTP face on 8080, pulling in the same process (WORKER_PULL=false: push only).
+# The HTTP face on 8080, pulling in the same process (WORKER_PULL=false: push only): Flask under
+# gunicorn, or FastAPI under uvicorn with `-e WORKER_WEB_FRAMEWORK=fastapi` (worker/http/).
 # `run` is the pull loop alone, without HTTP.
 CMD ["serve"]

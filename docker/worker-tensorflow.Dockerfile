@@ -35,12 +35,14 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
     WORKER_ENGINE=tensorflow \
-    WORKER_MODEL_DIR=/models/demo/1
+    WORKER_MODEL_DIR=/models/demo/1 \
+    WORKER_WEB_FRAMEWORK=flask
 USER 10001:10001
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 ENTRYPOINT ["python", "-m", "worker"]
-# gunicorn with the HTTP face on 8080, pulling in the same process (WORKER_PULL=false: push only).
+# The HTTP face on 8080, pulling in the same process (WORKER_PULL=false: push only): Flask under
+# gunicorn, or FastAPI under uvicorn with `-e WORKER_WEB_FRAMEWORK=fastapi` (worker/http/).
 # `run` is the pull loop alone, without HTTP.
 CMD ["serve"]

@@ -1,15 +1,20 @@
-"""`make loadtest`: POST /classify under load on loopback with wrk, one engine at a time.
+"""`make loadtest`: POST /classify under load on loopback with wrk: engines x web frameworks x
+connection counts, in one run.
 
-Each engine gets its own `python -m worker serve` (gunicorn with worker/http/gunicorn_conf.py,
-WORKER_PULL=false), warmed by a short unrecorded run, then wrk runs for --duration seconds at each
-connection count. The table gives requests/s and client-side p50/p95/p99, next to what the server
-measured itself (/metrics: mean batch size of the engine calls, time inside the server). wrk and the
-server share this machine's cores; wrk runs one thread to take as little of them as it can.
+Each engine gets one `python -m worker serve` per web framework (WORKER_WEB_FRAMEWORK=flask: Flask
+under gunicorn, worker/http/gunicorn_conf.py; fastapi: FastAPI under uvicorn,
+worker/http/uvicorn_conf.py; WORKER_PULL=false), each warmed by a short unrecorded run. Then wrk
+runs for --duration seconds at each connection count, against the frameworks in turn at each
+count, so a change in the machine's load falls on both alike. Only wrk's target is busy: the other
+server idles. The table gives requests/s and client-side p50/p95/p99, next to what the server
+measured itself (/metrics: mean batch size of the engine calls, time inside the server). wrk and
+the server share this machine's cores; wrk runs one thread to take as little of them as it can.
 
 /classify touches neither Cloud Storage nor BigQuery, so no stack is needed: the clients point at a
 closed local port and /readyz reports the sink unreachable while the model is ready.
 
-  python -m localcloud.loadtest --engines openvino,tensorflow,tfserving --connections 1,4,16 --duration 8
+  python -m localcloud.loadtest --engines openvino,tensorflow,tfserving --frameworks flask,fastapi \
+      --connections 1,4,16 --duration 8
 """
 
 from __future__ import annotations
@@ -46,17 +51,27 @@ ENGINES = {
     "tfserving": {"WORKER_ENGINE": "tfserving", "WORKER_PRECISION": "f32", "WORKER_TFSERVING_PROTOCOL": "rest"},
     "tfserving-grpc": {"WORKER_ENGINE": "tfserving", "WORKER_PRECISION": "f32", "WORKER_TFSERVING_PROTOCOL": "grpc"},
 }
+FRAMEWORKS = ("flask", "fastapi")  # WORKER_WEB_FRAMEWORK
+
+
+def server_setup(framework: str, threads: int) -> str:
+    """How the server of a framework runs (worker/http/gunicorn_conf.py, uvicorn_conf.py)."""
+    if framework == "flask":
+        return f"gunicorn: 1 worker (gthread) x {threads} threads, preload off"
+    return f"uvicorn: 1 process, uvloop + httptools, {threads} handler threads"
 
 
 @dataclass(frozen=True)
 class LoadPoint:
-    """One engine at one connection count: what wrk saw and what the server measured."""
+    """One engine on one web framework at one connection count: what wrk saw and what the server
+    measured."""
 
     engine: str
     precision: str
     engine_version: str
-    web_framework: str
-    gunicorn: str
+    framework: str  # WORKER_WEB_FRAMEWORK
+    web_framework: str  # as rows record it: "flask 3.1.3/gunicorn 27.0.1"
+    server: str  # server_setup()
     connections: int
     duration_s: float
     requests: int
@@ -119,30 +134,33 @@ def server_means(before: dict, after: dict) -> dict[str, float | None]:
             "server_total_ms": stage("total"), "server_inference_ms": stage("inference")}
 
 
-def load_point(engine: str, facts: dict, gunicorn: str, connections: int, duration_s: float, wrk: dict,
-               server: dict) -> LoadPoint:
+def load_point(engine: str, framework: str, facts: dict, server: str, connections: int, duration_s: float,
+               wrk: dict, measured: dict) -> LoadPoint:
     latency = wrk["latency_us"]
     seconds = wrk["duration_us"] / 1e6
     return LoadPoint(
-        engine=engine, precision=facts["precision"], engine_version=facts["engine_version"],
-        web_framework=facts["web_framework"], gunicorn=gunicorn, connections=connections, duration_s=duration_s,
+        engine=engine, precision=facts["precision"], engine_version=facts["engine_version"], framework=framework,
+        web_framework=facts["web_framework"], server=server, connections=connections, duration_s=duration_s,
         requests=wrk["requests"], requests_per_s=wrk["requests"] / seconds if seconds else 0.0,
         p50_ms=latency["p50"] / 1000.0, p95_ms=latency["p95"] / 1000.0, p99_ms=latency["p99"] / 1000.0,
         mean_ms=latency["mean"] / 1000.0, max_ms=latency["max"] / 1000.0, errors=sum(wrk["errors"].values()),
-        load_avg_1m=os.getloadavg()[0], **server,
+        load_avg_1m=os.getloadavg()[0], **measured,
     )
 
 
-def server_service(engine: str, port: int, threads: int, model_dir: Path, extra_env: dict[str, str]) -> Service:
+def server_service(engine: str, framework: str, port: int, threads: int, model_dir: Path,
+                   extra_env: dict[str, str]) -> Service:
     env = {
         "GOOGLE_CLOUD_PROJECT": "loadtest", "STORAGE_EMULATOR_HOST": CLOSED_PORT_URL,
         "BIGQUERY_EMULATOR_HOST": CLOSED_PORT_URL, "WORKER_PULL": "false",
         "WORKER_RESULTS_TABLE": "loadtest.none.results", "WORKER_ERRORS_TABLE": "loadtest.none.errors",
         "WORKER_MODEL_DIR": str(model_dir), "WORKER_HTTP_PORT": str(port), "WORKER_HTTP_THREADS": str(threads),
-        "WORKER_LOG_LEVEL": "WARNING", "TF_CPP_MIN_LOG_LEVEL": "2", **ENGINES[engine], **extra_env,
+        "WORKER_LOG_LEVEL": "WARNING", "TF_CPP_MIN_LOG_LEVEL": "2", "WORKER_WEB_FRAMEWORK": framework,
+        **ENGINES[engine], **extra_env,
     }
-    return Service(name=f"serve-{engine}", argv=[sys.executable, "-m", "worker", "serve"], env=env, ports=(port,),
-                   ready=lambda: _model_ready(f"http://127.0.0.1:{port}"), ready_timeout_s=180.0, stop_timeout_s=30.0)
+    return Service(name=f"serve-{engine}-{framework}", argv=[sys.executable, "-m", "worker", "serve"], env=env,
+                   ports=(port,), ready=lambda: _model_ready(f"http://127.0.0.1:{port}"), ready_timeout_s=180.0,
+                   stop_timeout_s=30.0)
 
 
 def _model_ready(url: str) -> bool:
@@ -175,23 +193,36 @@ def sample_image(path: Path) -> Path:
     return path
 
 
-def measure_engine(engine: str, url: str, image: Path, connections: list[int], duration_s: float, gunicorn: str,
-                   on_point=lambda point: None) -> list[LoadPoint]:
+@dataclass(frozen=True)
+class Target:
+    """One running server: an engine on a web framework."""
+
+    engine: str
+    framework: str
+    url: str
+    server: str  # server_setup()
+    facts: dict  # the /classify answer's model facts (precision, engine_version, web_framework)
+
+
+def warm_up(engine: str, framework: str, url: str, image: Path, connections: list[int], duration_s: float,
+            server: str) -> Target:
     facts = requests.post(f"{url}/classify", data=image.read_bytes(), timeout=60).json()
-    run_wrk(f"{url}/classify", image, max(connections), min(2.0, duration_s))  # warm-up, not recorded
-    points = []
-    for count in connections:
-        time.sleep(SETTLE_S)
-        before = metric_values(requests.get(f"{url}/metrics", timeout=10).text)
-        wrk = run_wrk(f"{url}/classify", image, count, duration_s)
-        after = metric_values(requests.get(f"{url}/metrics", timeout=10).text)
-        points.append(load_point(engine, facts, gunicorn, count, duration_s, wrk, server_means(before, after)))
-        on_point(points[-1])
-    return points
+    run_wrk(f"{url}/classify", image, max(connections), min(2.0, duration_s))  # not recorded
+    return Target(engine, framework, url, server, facts)
 
 
-def run_engine(manager: ProcessManager, engine: str, image: Path, connections: list[int], duration_s: float,
-               threads: int, model_dir: Path, on_point) -> list[LoadPoint]:
+def measure(target: Target, image: Path, connections: int, duration_s: float) -> LoadPoint:
+    time.sleep(SETTLE_S)
+    before = metric_values(requests.get(f"{target.url}/metrics", timeout=10).text)
+    wrk = run_wrk(f"{target.url}/classify", image, connections, duration_s)
+    after = metric_values(requests.get(f"{target.url}/metrics", timeout=10).text)
+    return load_point(target.engine, target.framework, target.facts, target.server, connections, duration_s, wrk,
+                      server_means(before, after))
+
+
+def run_engine(manager: ProcessManager, engine: str, frameworks: list[str], image: Path, connections: list[int],
+               duration_s: float, threads: int, model_dir: Path, on_point) -> list[LoadPoint]:
+    """One server per framework for this engine, measured in turn at each connection count."""
     extra_env: dict[str, str] = {}
     started: list[str] = []
     try:
@@ -203,22 +234,37 @@ def run_engine(manager: ProcessManager, engine: str, image: Path, connections: l
             grpc = ENGINES[engine]["WORKER_TFSERVING_PROTOCOL"] == "grpc"
             extra_env["WORKER_TFSERVING_URL"] = (f"127.0.0.1:{ports['grpc_port']}" if grpc
                                                  else f"http://127.0.0.1:{ports['rest_port']}")
-        port = free_ports(1)[0]
-        server = server_service(engine, port, threads, model_dir, extra_env)
-        manager.start(server)
-        started.append(server.name)
-        gunicorn = f"1 worker (gthread) x {threads} threads, preload off"
-        return measure_engine(engine, f"http://127.0.0.1:{port}", image, connections, duration_s, gunicorn, on_point)
+        targets = []
+        for framework in frameworks:
+            port = free_ports(1)[0]
+            server = server_service(engine, framework, port, threads, model_dir, extra_env)
+            manager.start(server)
+            started.append(server.name)
+            targets.append(warm_up(engine, framework, f"http://127.0.0.1:{port}", image, connections, duration_s,
+                                   server_setup(framework, threads)))
+        points = []
+        for count in connections:
+            for target in targets:
+                points.append(measure(target, image, count, duration_s))
+                on_point(points[-1])
+        return points
     finally:
         for name in reversed(started):
             manager.stop(name, timeout_s=30)
+
+
+def table_order(points: list[LoadPoint], engines: list[str], frameworks: list[str],
+                connections: list[int]) -> list[LoadPoint]:
+    """Engine, then framework, then connections, in the order asked for (not the order measured)."""
+    return sorted(points, key=lambda p: (engines.index(p.engine), frameworks.index(p.framework),
+                                         connections.index(p.connections)))
 
 
 def print_table(points: list[LoadPoint]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="POST /classify on loopback (wrk, 1 thread; server: gunicorn + Flask)")
+    table = Table(title="POST /classify on loopback (wrk, 1 thread; Flask under gunicorn, FastAPI under uvicorn)")
     columns = ("engine", "precision", "web framework", "conns", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors",
                "mean batch", "server ms", "infer ms/img", "load 1m")
     for column in columns:
@@ -257,19 +303,20 @@ def _machine() -> dict:
 @click.command()
 @click.option("--engines", default="openvino,tensorflow,tfserving", show_default=True,
               help=f"comma-separated, of: {', '.join(ENGINES)}")
+@click.option("--frameworks", default=",".join(FRAMEWORKS), show_default=True,
+              help="web frameworks (WORKER_WEB_FRAMEWORK), comma-separated: flask (gunicorn), fastapi (uvicorn)")
 @click.option("--connections", default="1,4,16", show_default=True, help="wrk connection counts, comma-separated")
 @click.option("--duration", "duration_s", type=click.FloatRange(min=1), default=8.0, show_default=True,
               help="seconds of load per connection count")
 @click.option("--threads", type=click.IntRange(min=1), default=8, show_default=True,
-              help="gunicorn threads (WORKER_HTTP_THREADS)")
+              help="request threads of either server (WORKER_HTTP_THREADS)")
 @click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=MODEL_DIR, show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=OUT_DIR, show_default=True)
-def main(engines: str, connections: str, duration_s: float, threads: int, model_dir: Path, out_dir: Path) -> None:
-    """Load-test POST /classify per engine with wrk; print the table, write out-dir/*.json."""
-    chosen = [name.strip() for name in engines.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in ENGINES]
-    if unknown:
-        raise click.BadParameter(f"unknown engines {unknown}; known: {', '.join(ENGINES)}", param_hint="--engines")
+def main(engines: str, frameworks: str, connections: str, duration_s: float, threads: int, model_dir: Path,
+         out_dir: Path) -> None:
+    """Load-test POST /classify per engine and web framework with wrk; print the table, write out-dir/*.json."""
+    chosen = choose(engines, ENGINES, "--engines")
+    web_frameworks = choose(frameworks, FRAMEWORKS, "--frameworks")
     if not shutil.which("wrk"):
         raise click.ClickException("wrk is not installed: `make wrk` (Debian package wrk)")
     if not (model_dir / "manifest.json").is_file():
@@ -280,19 +327,37 @@ def main(engines: str, connections: str, duration_s: float, threads: int, model_
     image = sample_image(out_dir / "image.png")
     points: list[LoadPoint] = []
     for engine in chosen:
-        click.echo(f"{engine}: starting the server (model load and warm-up) ...", err=True)
+        click.echo(f"{engine}: starting a server per framework ({', '.join(web_frameworks)}; model load and "
+                   "warm-up) ...", err=True)
         try:
-            points += run_engine(manager, engine, image, counts, duration_s, threads, model_dir,
-                                 on_point=lambda p: click.echo(f"  {p.connections:>3} connections: "
+            points += run_engine(manager, engine, web_frameworks, image, counts, duration_s, threads, model_dir,
+                                 on_point=lambda p: click.echo(f"  {p.framework:>7} {p.connections:>3} connections: "
                                                                f"{p.requests_per_s:.1f} req/s, p50 {p.p50_ms:.1f} ms",
                                                                err=True))
         except StackError as exc:
             raise click.ClickException(str(exc))
+    points = table_order(points, chosen, web_frameworks, counts)
     print_table(points)
-    settings = {"engines": chosen, "connections": counts, "duration_s": duration_s, "gunicorn_workers": 1,
-                "gunicorn_worker_class": "gthread", "gunicorn_threads": threads, "preload_app": False,
-                "wrk_threads": 1, "image_bytes": image.stat().st_size}
+    from worker.http import uvicorn_conf
+    from worker.settings import HttpSettings
+
+    uvicorn = uvicorn_conf.config_kwargs(HttpSettings(threads=threads))
+    settings = {"engines": chosen, "frameworks": web_frameworks, "connections": counts, "duration_s": duration_s,
+                "gunicorn_workers": 1, "gunicorn_worker_class": "gthread", "gunicorn_threads": threads,
+                "preload_app": False, "uvicorn_workers": 1, "uvicorn_loop": uvicorn["loop"],
+                "uvicorn_http": uvicorn["http"], "uvicorn_handler_threads": threads,
+                "uvicorn_limit_concurrency": uvicorn["limit_concurrency"], "wrk_threads": 1,
+                "image_bytes": image.stat().st_size}
     click.echo(f"results: {write_results(points, settings, out_dir)}", err=True)
+
+
+def choose(value: str, known, option: str) -> list[str]:
+    """A comma-separated option -> its names, each known, in the order given, once each."""
+    chosen = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    unknown = [name for name in chosen if name not in known]
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown {unknown or 'none given'}; known: {', '.join(known)}", param_hint=option)
+    return chosen
 
 
 if __name__ == "__main__":

@@ -116,3 +116,81 @@ def schema_problems(row: dict, table: str = "results") -> list[str]:
         elif spec["type"] == "TIMESTAMP":
             dt.datetime.fromisoformat(value)
     return problems
+
+
+# --- both web frameworks ------------------------------------------------------------------------
+
+FRAMEWORKS = ("flask", "fastapi")
+
+
+class AsgiServer:
+    """An ASGI app under uvicorn for real, in a thread of this process, on a free loopback port,
+    with the settings `serve` uses (worker/http/uvicorn_conf.py)."""
+
+    def __init__(self, app, threads: int = 8):
+        import uvicorn
+
+        from localcloud.config import free_ports
+        from worker.http import uvicorn_conf
+        from worker.settings import HttpSettings
+
+        port = free_ports(1)[0]
+        settings = {**uvicorn_conf.config_kwargs(HttpSettings(host="127.0.0.1", port=port, threads=threads)),
+                    "log_level": "warning"}
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, **settings))
+        self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            assert self._thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+
+
+class Answer:
+    """A requests response with the face of a Flask test-client response (status_code, json,
+    headers, content_type, get_data), so one test body checks either framework."""
+
+    def __init__(self, response):
+        self._response = response
+        self.status_code = response.status_code
+        self.headers = response.headers
+        self.content_type = response.headers.get("Content-Type", "")
+
+    @property
+    def json(self):
+        return self._response.json() if self.content_type.startswith("application/json") else None
+
+    def get_data(self, as_text: bool = False):
+        return self._response.text if as_text else self._response.content
+
+
+class HttpClient:
+    """Requests over HTTP, called like Flask's test client: data as bytes (with content_type) or
+    as a form dict whose (file, filename, content type) tuples are files; json; headers."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def get(self, path: str, headers: dict | None = None) -> Answer:
+        import requests
+
+        return Answer(requests.get(self.url + path, headers=headers, timeout=30))
+
+    def post(self, path: str, data=None, json=None, content_type: str | None = None,
+             headers: dict | None = None) -> Answer:
+        import requests
+
+        headers = dict(headers or {})
+        files = None
+        if isinstance(data, dict):  # multipart, even without a file part
+            files = [(name, (value[1], value[0], value[2]) if isinstance(value, tuple) else (None, value))
+                     for name, value in data.items()]
+            data = None
+        elif content_type:
+            headers["Content-Type"] = content_type
+        return Answer(requests.post(self.url + path, data=data, json=json, files=files, headers=headers, timeout=30))

@@ -280,6 +280,61 @@ def test_worker_images_run_the_worker_cli(name):
     assert "EXPOSE 8080" in (DOCKER / name).read_text() and "/healthz" in (DOCKER / name).read_text()
 
 
+# What `serve` runs for each WORKER_WEB_FRAMEWORK: (module, function) of the server, then of the app.
+SERVE_ENTRY_POINTS = {
+    "flask": (("worker.http.server", "run_gunicorn"), ("worker.http.app", "create_app_from_env")),
+    "fastapi": (("worker.http.uvicorn_server", "run_uvicorn"), ("worker.http.asgi", "create_app_from_env")),
+}
+COMPOSE_DEFAULT = re.compile(r"^\$\{(\w+):-([^}]*)\}$")
+
+
+def compose_value(value: str) -> str:
+    """A compose environment value with `${NAME:-default}` taken at its default."""
+    match = COMPOSE_DEFAULT.match(str(value))
+    return match.group(2) if match else str(value)
+
+
+@pytest.mark.parametrize("name", ["worker-openvino.Dockerfile", "worker-tensorflow.Dockerfile"])
+def test_worker_images_choose_a_web_framework_and_carry_the_entry_points_of_both(name):
+    import importlib
+
+    from worker.http import gunicorn_conf, uvicorn_conf
+    from worker.settings import WEB_FRAMEWORKS, HttpSettings
+
+    parsed = dockerfile(name)
+    assert parsed.env()["WORKER_WEB_FRAMEWORK"] in WEB_FRAMEWORKS
+    assert set(SERVE_ENTRY_POINTS) == set(WEB_FRAMEWORKS)
+    # Either may be chosen when the container starts (-e WORKER_WEB_FRAMEWORK=...): the image holds both.
+    for entry_points in SERVE_ENTRY_POINTS.values():
+        for module, function in entry_points:
+            assert_module_in_image(parsed, module)
+            assert callable(getattr(importlib.import_module(module), function)), f"{module}.{function}"
+    # gunicorn's config names its app by string.
+    module, _, call = gunicorn_conf.wsgi_app.partition(":")
+    assert (module, call) == ("worker.http.app", "create_app_from_env()")
+    # uvicorn loads its loop and parser by name: they exist, and the image installs their packages.
+    from uvicorn.config import HTTP_PROTOCOLS, LOOP_FACTORIES
+
+    settings = uvicorn_conf.config_kwargs(HttpSettings())
+    assert settings["loop"] in LOOP_FACTORIES and settings["http"] in HTTP_PROTOCOLS
+    image = next(i for i in IMAGES if i.dockerfile == name)
+    listed = installed_closure(requirement_names(REPO / image.requirements))
+    assert {settings["loop"], settings["http"], "python-multipart", "fastapi", "uvicorn", "gunicorn",
+            "flask"} <= listed
+
+
+def test_compose_workers_choose_a_web_framework():
+    from worker.settings import WEB_FRAMEWORKS
+
+    for service in ("worker", "worker-tensorflow", "worker-tfserving"):
+        spec = compose()["services"][service]
+        framework = spec["environment"]["WORKER_WEB_FRAMEWORK"]
+        assert COMPOSE_DEFAULT.match(framework), f"{service}: let the shell choose, with a default"
+        assert compose_value(framework) in WEB_FRAMEWORKS
+        # Under uvicorn a worker whose pull stream ended exits 1 to be started afresh.
+        assert spec["restart"] == "on-failure"
+
+
 def test_train_image_runs_modelkit_build_demo():
     parsed = dockerfile("train.Dockerfile")
     assert parsed.final("ENTRYPOINT")[-1].exec_form() == ["python", "-m", "modelkit"]

@@ -1,10 +1,14 @@
-"""The HTTP face with in-memory fakes: Flask's test client, a fake engine, fetcher and sink.
-The same app under gunicorn on the real local stack is in test_http_stack.py."""
+"""The HTTP face with in-memory fakes (a fake engine, fetcher and sink), for both web frameworks:
+the Flask app through Flask's test client, the FastAPI app under uvicorn for real on a free port
+(in a thread of this process). Both serve the same endpoints (worker/http/endpoints.py), so every
+endpoint test runs against each. Both under their servers on the real local stack are in
+test_http_stack.py."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,11 +17,12 @@ import pytest
 from PIL import Image
 
 from tests.helpers import png_bytes
-from tests.http_helpers import (PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNT, FakeTransport, push_token,
-                                schema_problems)
+from tests.http_helpers import (FRAMEWORKS, PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNT, AsgiServer, FakeTransport,
+                                HttpClient, push_token, schema_problems)
 from tests.test_batch import MANIFEST, FakeEngine, FakeFetcher, FakeSink
 from worker.batch import BatchRunner, Tables
 from worker.http.app import AppOptions, create_app
+from worker.http.asgi import create_app as create_asgi_app
 from worker.http.batcher import MicroBatcher
 from worker.http.health import CachedProbe
 from worker.http.metrics import Metrics
@@ -50,10 +55,10 @@ class FakePuller:
 
 
 class Harness:
-    """A service over a real BatchRunner with fakes; the app in front of it."""
+    """A service over a real BatchRunner with fakes; the app of `framework` in front of it."""
 
-    def __init__(self, *, load=None, sink_check=lambda: "ok", puller=None, verifier=None, engine=None,
-                 gate: threading.Event | None = None, tables: bool = True):
+    def __init__(self, framework: str = "flask", *, load=None, sink_check=lambda: "ok", puller=None, verifier=None,
+                 engine=None, gate: threading.Event | None = None, tables: bool = True):
         self.engine, self.sink = engine or FakeEngine(), FakeSink()
         self.fetcher = FakeFetcher({})
         self.pool = ThreadPoolExecutor(4)
@@ -78,9 +83,15 @@ class Harness:
             sample_system=SystemSampler().sample, make_puller=(lambda runner: puller) if puller else None,
             on_pull_ended=lambda: self.pull_ended.append(True), on_load_failed=self.load_failed.append)
         self.metrics = Metrics()
-        self.app = create_app(self.service, self.metrics, AppOptions(max_image_bytes=MAX_BYTES, push_wait_s=5,
-                                                                     push_verifier=verifier))
-        self.client = self.app.test_client()
+        options = AppOptions(max_image_bytes=MAX_BYTES, push_wait_s=5, push_verifier=verifier)
+        self.server = None
+        if framework == "flask":
+            self.app = create_app(self.service, self.metrics, options)
+            self.client = self.app.test_client()
+        else:
+            self.app = create_asgi_app(self.service, self.metrics, options)
+            self.server = AsgiServer(self.app)
+            self.client = HttpClient(self.server.url)
         self.loading = self.service.start()
 
     def ready(self) -> "Harness":
@@ -93,13 +104,20 @@ class Harness:
                                 headers=headers)
 
     def close(self):
+        if self.server is not None:
+            self.server.close()
         self.service.stop(2)
         self.pool.shutdown()
 
 
+@pytest.fixture(params=FRAMEWORKS)
+def framework(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def harness():
-    harness = Harness().ready()
+def harness(framework):
+    harness = Harness(framework).ready()
     yield harness
     harness.close()
 
@@ -112,9 +130,9 @@ def image_bytes(fmt: str = "PNG", size=(64, 64)) -> bytes:
 
 # --- health ------------------------------------------------------------------------------------
 
-def test_healthz_answers_while_the_model_loads_and_readyz_waits_for_it():
+def test_healthz_answers_while_the_model_loads_and_readyz_waits_for_it(framework):
     gate = threading.Event()
-    harness = Harness(gate=gate)
+    harness = Harness(framework, gate=gate)
     try:
         assert harness.client.get("/healthz").status_code == 200
         loading = harness.client.get("/readyz")
@@ -131,17 +149,17 @@ def test_healthz_answers_while_the_model_loads_and_readyz_waits_for_it():
         harness.close()
 
 
-def test_readyz_is_503_with_the_reason_when_the_sink_is_unreachable():
-    harness = Harness(sink_check=lambda: "unreachable: ConnectionError").ready()
+def test_readyz_is_503_with_the_reason_when_the_sink_is_unreachable(framework):
+    harness = Harness(framework, sink_check=lambda: "unreachable: ConnectionError").ready()
     response = harness.client.get("/readyz")
     assert response.status_code == 503 and response.json["checks"]["sink"].startswith("unreachable")
     assert harness.client.get("/healthz").status_code == 200  # alive: not a reason to recreate the VM
     harness.close()
 
 
-def test_readyz_reports_the_pull_subscriber_and_its_end_stops_the_process():
+def test_readyz_reports_the_pull_subscriber_and_its_end_stops_the_process(framework):
     puller = FakePuller()
-    harness = Harness(puller=puller).ready()
+    harness = Harness(framework, puller=puller).ready()
     assert puller.started
     assert harness.client.get("/readyz").json["checks"]["pull"] == "ok"
     puller.healthy = False
@@ -155,11 +173,11 @@ def test_readyz_reports_the_pull_subscriber_and_its_end_stops_the_process():
     assert puller.stopped
 
 
-def test_a_model_that_does_not_load_fails_health_and_tells_the_process():
+def test_a_model_that_does_not_load_fails_health_and_tells_the_process(framework):
     def broken():
         raise FileNotFoundError("no IR")
 
-    harness = Harness(load=broken)
+    harness = Harness(framework, load=broken)
     harness.loading.join(5)
     assert harness.client.get("/healthz").status_code == 500
     assert "no IR" in harness.client.get("/readyz").json["checks"]["model"]
@@ -183,8 +201,8 @@ def test_a_failed_start_names_its_step_not_the_model(caplog):
 # --- no tables (WORKER_PULL=false, neither table set) ----------------------------------------------
 
 @pytest.fixture
-def no_tables():
-    harness = Harness(tables=False).ready()
+def no_tables(framework):
+    harness = Harness(framework, tables=False).ready()
     yield harness
     harness.close()
 
@@ -214,9 +232,9 @@ def test_without_tables_record_is_refused_before_the_engine_call(no_tables):
     assert "?record=true" in response.json["message"] and no_tables.engine.batches == []
 
 
-def test_without_tables_an_unauthenticated_push_is_still_401():
+def test_without_tables_an_unauthenticated_push_is_still_401(framework):
     verifier = PushTokenVerifier(PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNT, decode=fake_decode)
-    harness = Harness(tables=False, verifier=verifier).ready()
+    harness = Harness(framework, tables=False, verifier=verifier).ready()
     assert harness.push(job("a.png"), "m-1").status_code == 401
     harness.close()
 
@@ -292,9 +310,9 @@ def test_a_bad_record_flag_is_400(harness):
     assert harness.client.post("/classify?record=maybe", data=png_bytes(3)).status_code == 400
 
 
-def test_concurrent_requests_share_engine_calls():
+def test_concurrent_requests_share_engine_calls(framework):
     engine = SlowEngine()
-    harness = Harness(engine=engine).ready()
+    harness = Harness(framework, engine=engine).ready()
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda i: harness.client.post("/classify", data=png_bytes(i)).status_code,
                                  range(16)))
@@ -346,9 +364,9 @@ def test_a_body_that_is_not_an_envelope_is_400(harness):
         assert response.status_code == 400 and response.json["error"] == "bad_envelope"
 
 
-def test_concurrent_pushes_are_batched_into_one_runner_call():
+def test_concurrent_pushes_are_batched_into_one_runner_call(framework):
     engine = SlowEngine()
-    harness = Harness(engine=engine).ready()
+    harness = Harness(framework, engine=engine).ready()
     for index in range(12):
         harness.fetcher.objects[f"c{index}.png"] = png_bytes(index)
     with ThreadPoolExecutor(12) as pool:
@@ -380,9 +398,9 @@ def fake_decode(token: str, audience: str) -> dict:
     return json.loads(token)
 
 
-def test_push_with_an_audience_needs_a_token_of_the_push_service_account():
+def test_push_with_an_audience_needs_a_token_of_the_push_service_account(framework):
     verifier = PushTokenVerifier(PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNT, decode=fake_decode)
-    harness = Harness(verifier=verifier).ready()
+    harness = Harness(framework, verifier=verifier).ready()
     harness.fetcher.objects["d.png"] = png_bytes(6)
     good = json.dumps({"iss": "https://accounts.google.com", "email": PUSH_SERVICE_ACCOUNT, "email_verified": True})
     other = json.dumps({"iss": "https://accounts.google.com", "email": "someone@x.test", "email_verified": True})
@@ -439,6 +457,155 @@ def test_metrics_count_classify_push_errors_and_model(harness):
 
 def test_each_app_has_its_own_registry():
     assert Metrics().registry is not Metrics().registry
+
+
+# --- the two frameworks --------------------------------------------------------------------------
+
+def _on_an_event_loop() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_fastapi_runs_the_blocking_work_in_threads_not_on_the_event_loop():
+    seen = []
+
+    def decode(token: str, audience: str) -> dict:  # the OIDC check: certificates fetched here
+        seen.append(("push token", _on_an_event_loop()))
+        return fake_decode(token, audience)
+
+    verifier = PushTokenVerifier(PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNT, decode=decode)
+    harness = Harness("fastapi", verifier=verifier).ready()
+    insert = harness.sink.insert
+
+    def recorded_insert(table, rows):  # the BigQuery insert of ?record=true
+        seen.append(("record", _on_an_event_loop()))
+        return insert(table, rows)
+
+    harness.sink.insert = recorded_insert
+    harness.fetcher.objects["t.png"] = png_bytes(9)
+    good = json.dumps({"iss": "https://accounts.google.com", "email": PUSH_SERVICE_ACCOUNT, "email_verified": True})
+    try:
+        assert harness.client.post("/classify?record=true", data=png_bytes(8)).status_code == 200
+        assert harness.push(job("t.png"), "m-t", Authorization=f"Bearer {good}").status_code == 204
+    finally:
+        harness.close()
+    # (the pushed job's row goes through the same fake sink, from the push batcher's thread)
+    assert {what for what, _ in seen} == {"record", "push token"}
+    assert not any(on_loop for _, on_loop in seen), seen
+
+
+def comparable(response) -> tuple:
+    """Status, reason and the body's keys, without what varies between two requests."""
+    body = response.json
+    if not isinstance(body, dict):
+        return response.status_code, response.get_data()
+    return response.status_code, body.get("error"), sorted(body), body.get("label"), body.get("checks")
+
+
+def contract_requests() -> list[tuple[str, str, dict]]:
+    """(method, path, client arguments); afresh for each client: Flask's closes the files it sends."""
+    return [
+        ("get", "/healthz", {}), ("get", "/readyz", {}), ("get", "/nowhere", {}), ("post", "/healthz", {}),
+        ("get", "/classify", {}), ("get", "/healthz/", {}),
+        ("post", "/classify", {"data": image_bytes(), "content_type": "image/png"}),
+        ("post", "/classify", {"data": {"file": (io.BytesIO(image_bytes("JPEG")), "x.jpg", "image/jpeg")}}),
+        ("post", "/classify", {"data": b"text", "content_type": "text/plain"}),
+        ("post", "/classify", {"data": bytes(MAX_BYTES + 100_000)}),
+        ("post", "/classify?record=maybe", {"data": png_bytes(1)}),
+        ("post", "/classify?record=true&name=n.png", {"data": png_bytes(1)}),
+        ("post", "/pubsub/push", {"data": b"[]", "content_type": "application/json"}),
+        ("post", "/pubsub/push", {"json": envelope_for(job("s.png"), "m-s")}),
+        ("post", "/pubsub/push", {"json": envelope_for(job("s.png"), "m-s")}),
+    ]
+
+
+def test_both_frameworks_answer_every_request_alike():
+    harnesses = {framework: Harness(framework).ready() for framework in FRAMEWORKS}
+    try:
+        for harness in harnesses.values():
+            harness.fetcher.objects["s.png"] = png_bytes(4)
+        answers = {framework: [comparable(getattr(h.client, method)(path, **kwargs))
+                               for method, path, kwargs in contract_requests()]
+                   for framework, h in harnesses.items()}
+        assert answers["fastapi"] == answers["flask"]
+        assert [answer[0] for answer in answers["flask"]] == [200, 200, 404, 405, 405, 404, 200, 200, 415, 413, 400,
+                                                               200, 400, 204, 204]
+        metrics = {framework: h.client.get("/metrics").get_data(as_text=True) for framework, h in harnesses.items()}
+        for line in ('worker_http_requests_total{endpoint="other",method="GET",status="404"} 2.0',
+                     'worker_http_requests_total{endpoint="/classify",method="POST",status="413"} 1.0',
+                     'worker_errors_total{reason="too_many_bytes",source="classify"} 1.0',
+                     'worker_deliveries_total{outcome="duplicate"} 1.0'):
+            assert line in metrics["flask"] and line in metrics["fastapi"], line
+    finally:
+        for harness in harnesses.values():
+            harness.close()
+
+
+UVICORN_SERVE_SCRIPT = """
+import contextlib, os, signal, sys, threading
+from fastapi import FastAPI
+from worker.http import asgi, uvicorn_server
+
+def app_from_env(on_pull_ended=None):
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        end = on_pull_ended if sys.argv[1] == "pull-ended" else lambda: os.kill(os.getpid(), signal.SIGTERM)
+        threading.Timer(0.5, end).start()
+        yield
+        print("service stopped", flush=True)
+    return FastAPI(lifespan=lifespan)
+
+asgi.create_app_from_env = app_from_env
+sys.exit(uvicorn_server.run_uvicorn())
+"""
+
+
+@pytest.mark.parametrize("how, exit_code", [("sigterm", 0), ("pull-ended", 1)])
+def test_serve_under_uvicorn_stops_gracefully_and_says_why_in_its_exit_code(how, exit_code):
+    """SIGTERM: drained, lifespan shutdown run, exit 0. The pull stream ended: the same graceful stop,
+    then exit 1 so the supervisor starts a fresh process (gunicorn's master forks a new worker)."""
+    import subprocess
+    import sys
+
+    from localcloud.config import free_ports
+
+    env = {**os.environ, "WORKER_HTTP_PORT": str(free_ports(1)[0]), "WORKER_LOG_LEVEL": "WARNING"}
+    done = subprocess.run([sys.executable, "-c", UVICORN_SERVE_SCRIPT, how], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == exit_code, done.stderr
+    assert "service stopped" in done.stdout
+
+
+def test_web_framework_names_the_framework_and_its_server_with_versions():
+    import importlib.metadata
+
+    from worker.http.wiring import web_framework
+
+    version = importlib.metadata.version
+    assert web_framework("flask") == f"flask {version('flask')}/gunicorn {version('gunicorn')}"
+    assert web_framework("fastapi") == f"fastapi {version('fastapi')}/uvicorn {version('uvicorn')}"
+
+
+def test_the_framework_comes_from_worker_web_framework():
+    assert HttpSettings.from_env({}).web_framework == "flask"
+    assert HttpSettings.from_env({"WORKER_WEB_FRAMEWORK": " FastAPI "}).web_framework == "fastapi"
+    with pytest.raises(SettingsError, match="WORKER_WEB_FRAMEWORK='django'"):
+        HttpSettings.from_env({"WORKER_WEB_FRAMEWORK": "django"})
+
+
+def test_uvicorn_settings_drain_requests_then_stop_the_service_within_the_graceful_timeout():
+    from worker.http import uvicorn_conf
+
+    http = HttpSettings.from_env({"WORKER_HTTP_THREADS": "4"})
+    settings = uvicorn_conf.config_kwargs(http)
+    assert (settings["loop"], settings["http"], settings["workers"]) == ("uvloop", "httptools", None)
+    assert settings["lifespan"] == "on" and settings["limit_max_requests"] is None
+    assert settings["timeout_graceful_shutdown"] + uvicorn_conf.service_stop_s(http) == http.graceful_timeout_s < 30
 
 
 # --- building blocks ---------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""The HTTP face under gunicorn, for real, on a free port, against the local stack's emulators and
-the demo model: every endpoint, bad input, push delivery with a duplicate, push authentication,
-metrics, and pull + HTTP in one process."""
+"""The HTTP face for real, on free ports, against the local stack's emulators and the demo model, one
+contract for both web frameworks (`python -m worker serve` with WORKER_WEB_FRAMEWORK=flask: Flask
+under gunicorn; fastapi: FastAPI under uvicorn): every endpoint, bad input, push delivery with a
+duplicate, push authentication, metrics, pull + HTTP in one process and its SIGTERM drain, and the
+SQL framework tables over rows both servers wrote."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -22,8 +25,9 @@ from localcloud import services
 from localcloud.config import REPO_ROOT, free_ports
 from localcloud.demo import bigquery_rows
 from tests.helpers import IsolatedWorker, demo_images_the_model_gets_right, new_run_id, png_bytes, upload
-from tests.http_helpers import PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNT, CertsServer, push_token
+from tests.http_helpers import FRAMEWORKS, PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNT, CertsServer, push_token
 from worker.http.push import envelope_for
+from worker.settings import WEB_FRAMEWORKS
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -35,6 +39,17 @@ SERVE = [sys.executable, "-m", "worker", "serve"]
 class Server:
     url: str
     worker: IsolatedWorker
+    name: str  # of its process (stack.processes)
+    framework: str
+
+    @property
+    def web_framework_prefix(self) -> str:
+        """What rows and answers of this server name, before the versions: "flask ", "fastapi "."""
+        return f"{self.framework} "
+
+    @property
+    def http_server(self) -> str:
+        return f"/{WEB_FRAMEWORKS[self.framework]} "
 
     def get(self, path: str, **kwargs) -> requests.Response:
         return requests.get(self.url + path, timeout=30, **kwargs)
@@ -53,17 +68,19 @@ class Server:
                              f"WHERE {column} = @value", {"value": value})
 
 
-def start_server(stack, worker: IsolatedWorker, **env: str) -> Server:
-    """`python -m worker serve` as the isolated worker's process, ready once its model is warm."""
+def start_server(stack, worker: IsolatedWorker, framework: str, **env: str) -> Server:
+    """`python -m worker serve` on the isolated worker's subscription and tables, with the web
+    framework given; ready once its model is warm."""
     config = stack.config
     port = free_ports(1)[0]
-    service = services.worker(config, name=worker.name, WORKER_SUBSCRIPTION=worker.subscription,
+    name = f"{worker.name}-{framework}"
+    service = services.worker(config, name=name, WORKER_SUBSCRIPTION=worker.subscription,
                               WORKER_RESULTS_TABLE=config.table_id(worker.results_table),
                               WORKER_ERRORS_TABLE=config.table_id(worker.errors_table), WORKER_BATCHES_TABLE="",
                               WORKER_HTTP_PORT=str(port), WORKER_HTTP_THREADS="4",
-                              WORKER_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES), **env)
+                              WORKER_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES), WORKER_WEB_FRAMEWORK=framework, **env)
     stack.processes.start(replace(service, argv=SERVE, ports=(port,)))
-    return Server(f"http://127.0.0.1:{port}", worker)
+    return Server(f"http://127.0.0.1:{port}", worker, name, framework)
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +90,41 @@ def certs():
     server.close()
 
 
+class PushServers:
+    """Push-only servers (WORKER_PULL=false) with push authentication on (certificates from the test
+    key), one per web framework, started when first asked for and writing to the same tables."""
+
+    def __init__(self, stack, certs):
+        self.stack, self.certs = stack, certs
+        self.tables = IsolatedWorker(stack, "http-push")
+        self._servers: dict[str, Server] = {}
+
+    def get(self, framework: str) -> Server:
+        if framework not in self._servers:
+            self._servers[framework] = start_server(
+                self.stack, self.tables, framework, WORKER_PULL="false", WORKER_HTTP_PUSH_AUDIENCE=PUSH_AUDIENCE,
+                WORKER_HTTP_PUSH_SERVICE_ACCOUNT=PUSH_SERVICE_ACCOUNT, WORKER_HTTP_PUSH_CERTS_URL=self.certs.url)
+        return self._servers[framework]
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            self.stack.processes.stop(server.name, timeout_s=30)
+        self.tables.close()
+
+
 @pytest.fixture(scope="module")
-def push_server(stack, certs):
-    """Push-only (WORKER_PULL=false) with push authentication on, certificates from the test key."""
-    worker = IsolatedWorker(stack, "http-push")
+def push_servers(stack, certs):
+    servers = PushServers(stack, certs)
     try:
-        yield start_server(stack, worker, WORKER_PULL="false", WORKER_HTTP_PUSH_AUDIENCE=PUSH_AUDIENCE,
-                           WORKER_HTTP_PUSH_SERVICE_ACCOUNT=PUSH_SERVICE_ACCOUNT,
-                           WORKER_HTTP_PUSH_CERTS_URL=certs.url)
+        yield servers
     finally:
-        worker.close()
+        servers.close()
+
+
+@pytest.fixture(params=FRAMEWORKS)
+def push_server(request, push_servers) -> Server:
+    """The contract's server: each test runs against both frameworks (both servers stay up)."""
+    return push_servers.get(request.param)
 
 
 def wait_for_rows(server: Server, table: str, column: str, value: str, expected: int = 1,
@@ -138,8 +180,8 @@ def test_classify_a_demo_image(push_server):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["label"] == class_name and body["engine"] == "openvino" and body["precision"] == "f32"
-    assert body["model_name"] == "demo" and body["web_framework"].startswith("flask ")
-    assert "/gunicorn " in body["web_framework"] and body["timings_ms"]["total"] > 0
+    assert body["model_name"] == "demo" and body["web_framework"].startswith(push_server.web_framework_prefix)
+    assert push_server.http_server in body["web_framework"] and body["timings_ms"]["total"] > 0
 
 
 def test_classify_multipart(push_server):
@@ -180,7 +222,7 @@ def test_a_push_writes_its_row_before_answering_and_a_duplicate_adds_none(stack,
 
     assert (first.status_code, again.status_code) == (204, 204)
     assert len(rows) == 1 and rows[0]["message_id"] == message_id
-    assert rows[0]["web_framework"].startswith("flask ")  # push-only: rows name the server
+    assert rows[0]["web_framework"].startswith(push_server.web_framework_prefix)  # push-only: rows name the server
     time.sleep(1.0)
     assert len(push_server.rows("results", "run_id", run_id)) == 1
 
@@ -225,12 +267,14 @@ def test_metrics_after_the_requests(push_server):
     assert ("engine", "openvino") in info and ("model_version", "1") in info
 
 
-def test_one_gunicorn_worker_process_holds_the_model(stack, push_server):
-    master = stack.processes.process(push_server.worker.name)
-    children = master.children()
-    assert len(children) == 1, [c.cmdline() for c in children]  # workers = 1: one model in memory
-    log = stack.processes.log_file(push_server.worker.name).read_text()
-    assert log.count("loaded on openvino") == 1
+def test_one_server_process_holds_the_model(stack, push_server):
+    process = stack.processes.process(push_server.name)
+    children = process.children()
+    # gunicorn: the master and one worker (workers = 1); uvicorn serves in the process itself.
+    expected = {"flask": 1, "fastapi": 0}[push_server.framework]
+    assert len(children) == expected, [c.cmdline() for c in children]
+    log = stack.processes.log_file(push_server.name).read_text()
+    assert log.count("loaded on openvino") == 1  # one model in memory
 
 
 def test_a_two_second_load_smoke(push_server, tmp_path):
@@ -247,10 +291,32 @@ def test_a_two_second_load_smoke(push_server, tmp_path):
     assert result["latency_us"]["p50"] <= result["latency_us"]["p99"]
 
 
-def test_pull_and_http_in_one_process(stack):
+def test_the_framework_tables_show_both_frameworks(stack, push_servers):
+    """sql/queries' by_engine_framework and by_engine_machine_framework (the seed's tables 3 and 4)
+    over rows both servers recorded: one group per framework."""
+    from report.queries import load_query
+
+    prefix = new_run_id()
+    servers = [push_servers.get(framework) for framework in FRAMEWORKS]
+    for server in servers:
+        response = server.post(f"/classify?record=true&run_id={prefix}-{server.framework}", data=png_bytes(8))
+        assert response.status_code == 200 and response.json()["recorded"] is True
+    written = {server.post("/classify", data=png_bytes(9)).json()["web_framework"] for server in servers}
+    # The queries read results_dedup; these servers write to tables of their own.
+    table = push_servers.tables.results_table
+    for name in ("by_engine_framework", "by_engine_machine_framework"):
+        sql = load_query(name).sql.replace("${dataset}.results_dedup", f"${{dataset}}.{table}")
+        rows = bigquery_rows(stack.config, sql, {"run_id": None, "run_prefix": prefix})
+        assert {row["web_framework"] for row in rows} == written, rows
+        assert all(row["engine"] == "openvino" and row["images"] == 1 for row in rows), rows
+    assert sorted(value.split()[0] for value in written) == sorted(FRAMEWORKS)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_pull_and_http_in_one_process_and_sigterm_drains(stack, framework):
     worker = IsolatedWorker(stack, "http-pull")
     try:
-        server = start_server(stack, worker)
+        server = start_server(stack, worker, framework)
         checks = server.get("/readyz").json()["checks"]
         assert checks == {"model": "ok", "pull": "ok", "sink": "ok"}
         run_id = new_run_id()
@@ -264,8 +330,13 @@ def test_pull_and_http_in_one_process(stack):
         job = job_for_upload(stack, f"pushed/{pushed_run}/b.png", png_bytes(7), pushed_run)
         assert server.push(job, f"push-{pushed_run}").status_code == 204
         [pushed] = server.rows("results", "run_id", pushed_run)
-        assert pushed["web_framework"].startswith("flask ")
-        master = psutil.Process(stack.processes.process(worker.name).pid)
-        assert len(master.children()) == 1
+        assert pushed["web_framework"].startswith(server.web_framework_prefix)
+        process = psutil.Process(stack.processes.process(server.name).pid)
+        assert len(process.children()) == {"flask": 1, "fastapi": 0}[framework]
+        # The instance group's stop: requests finish, pulling stops, queued messages go back, exit 0.
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(40) == 0
+        assert "queued messages returned for redelivery" in stack.processes.log_file(server.name).read_text()
     finally:
+        stack.processes.stop(f"{worker.name}-{framework}", timeout_s=30)
         worker.close()

@@ -149,6 +149,7 @@ def check_by_engine_machine(got, case):
 def check_by_engine_framework(got, case):
     assert_rows(got, means_by(case.rows, ("engine", "precision", framework), ("engine", "precision", "web_framework")))
     assert "pull (none)" in {row["web_framework"] for row in got}
+    assert {"flask", "fastapi"} <= {row["web_framework"].split()[0] for row in got}  # two frameworks compared
 
 
 @check("by_engine_machine_framework")
@@ -156,6 +157,7 @@ def check_by_engine_machine_framework(got, case):
     keys = ("engine", "precision", "environment", "logical_cores", memory_gib, framework)
     names = ("engine", "precision", "environment", "logical_cores", "memory_gib", "web_framework")
     assert_rows(got, means_by(case.rows, keys, names))
+    assert {"flask", "fastapi"} <= {row["web_framework"].split()[0] for row in got}
 
 
 @check("latency_percentiles")

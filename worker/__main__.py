@@ -195,19 +195,24 @@ def run(log_level: str) -> None:
 @cli.command()
 @click.option("--log-level", envvar="WORKER_LOG_LEVEL", default="INFO", show_default=True)
 def serve(log_level: str) -> None:
-    """The HTTP face under gunicorn (health, /classify, Pub/Sub push, /metrics) on WORKER_HTTP_PORT,
-    pulling from WORKER_SUBSCRIPTION in the same process unless WORKER_PULL=false. With
-    WORKER_PULL=false and no tables it needs no cloud: /classify only, no Google client."""
+    """The HTTP face (health, /classify, Pub/Sub push, /metrics) on WORKER_HTTP_PORT: Flask under
+    gunicorn, or FastAPI under uvicorn with WORKER_WEB_FRAMEWORK=fastapi. Pulls from
+    WORKER_SUBSCRIPTION in the same process unless WORKER_PULL=false. With WORKER_PULL=false and no
+    tables it needs no cloud: /classify only, no Google client."""
     logs.configure(log_level)
     try:
         WorkerSettings.from_env()
-        HttpSettings.from_env()
+        http = HttpSettings.from_env()
     except SettingsError as exc:
         click.echo(f"worker: {exc}", err=True)
         sys.exit(2)
+    os.environ["WORKER_LOG_LEVEL"] = log_level  # the app is built from the environment (in the gunicorn worker)
+    if http.web_framework == "fastapi":
+        from worker.http.uvicorn_server import run_uvicorn
+
+        sys.exit(run_uvicorn())
     from worker.http.server import run_gunicorn
 
-    os.environ["WORKER_LOG_LEVEL"] = log_level  # the app is built in the gunicorn worker, from the environment
     sys.exit(run_gunicorn())
 
 

@@ -25,6 +25,8 @@ class StartupError(RuntimeError):
 
 
 ENGINES = ("openvino", "tensorflow", "tfserving")
+# WORKER_WEB_FRAMEWORK of `serve` -> the server it runs under (worker/http/).
+WEB_FRAMEWORKS = {"flask": "gunicorn", "fastapi": "uvicorn"}
 PRECISIONS = ("f32", "bf16", "f16", "int8", "default")
 TFSERVING_PROTOCOLS = ("rest", "grpc")
 
@@ -181,7 +183,10 @@ class HttpSettings:
 
     host: str = "0.0.0.0"
     port: int = 8080
-    # gunicorn gthread request threads of the one worker process (see worker/http/gunicorn_conf.py).
+    # WORKER_WEB_FRAMEWORK (not WORKER_HTTP_*): flask under gunicorn, or fastapi under uvicorn.
+    web_framework: str = "flask"
+    # Request threads of the one server process: gunicorn's gthread threads, or the thread pool
+    # FastAPI runs the handlers in (worker/http/gunicorn_conf.py, worker/http/uvicorn_conf.py).
     threads: int = 8
     timeout_s: float = 60.0
     # SIGTERM -> finish requests and pulled batches; below the container's stop timeout (30 s).
@@ -197,11 +202,18 @@ class HttpSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "HttpSettings":
-        settings = cls(**_values_from_env(cls, "WORKER_HTTP_", env))  # type: ignore[arg-type]
+        values = _values_from_env(cls, "WORKER_HTTP_", env)
+        values.pop("web_framework", None)  # its variable is WORKER_WEB_FRAMEWORK
+        if env.get("WORKER_WEB_FRAMEWORK", "").strip():
+            values["web_framework"] = env["WORKER_WEB_FRAMEWORK"].strip().lower()
+        settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings
 
     def validate(self) -> None:
+        if self.web_framework not in WEB_FRAMEWORKS:
+            raise SettingsError(f"WORKER_WEB_FRAMEWORK={self.web_framework!r} is not one of "
+                                f"{', '.join(WEB_FRAMEWORKS)} (flask runs under gunicorn, fastapi under uvicorn)")
         if not 0 < self.port < 65536:
             raise SettingsError(f"WORKER_HTTP_PORT={self.port} is not a TCP port (1-65535)")
         for name in ("threads", "timeout_s", "graceful_timeout_s", "keepalive_s", "push_wait_s"):

@@ -1,8 +1,9 @@
 """One model per process: loaded once, in the background, then shared by /classify, push and pull.
 
-The model loads in a thread of the gunicorn worker process (never in the master before the fork:
-OpenVINO's and TensorFlow's thread pools and gRPC channels do not survive fork), so /healthz
-answers at once and /readyz says "loading" until the model is warmed.
+The model loads in a thread of the serving process (under gunicorn, the worker process, never the
+master before the fork: OpenVINO's and TensorFlow's thread pools and gRPC channels do not survive
+fork; under uvicorn, the one process), so /healthz answers at once and /readyz says "loading"
+until the model is warmed.
 """
 
 from __future__ import annotations

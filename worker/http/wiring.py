@@ -8,12 +8,13 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from worker.http.endpoints import AppOptions
 from worker.http.health import CachedProbe, bigquery_table_probe
 from worker.http.oidc import PushTokenVerifier
 from worker.http.service import InferenceService, LoadedModel, ServiceOptions
-from worker.settings import HttpSettings, WorkerSettings
+from worker.settings import WEB_FRAMEWORKS, HttpSettings, StartupError, WorkerSettings
 from worker.sink import BigQuerySink
 from worker.sysinfo import SystemSampler, machine_facts
 
@@ -21,12 +22,15 @@ if TYPE_CHECKING:
     from worker.__main__ import CloudClients
 
 _LOGGER = logging.getLogger(__name__)
-WORKER_BOOT_ERROR = 3  # gunicorn's exit code for "the worker cannot boot": the master stops too
+# gunicorn's exit code for "the worker cannot boot" (its master stops too); `serve` under uvicorn exits with it too.
+WORKER_BOOT_ERROR = 3
 
 
-def web_framework() -> str:
-    """Recorded in rows served over HTTP, as the seed recorded "flask"/"fastapi"."""
-    return f"flask {importlib.metadata.version('flask')}/gunicorn {importlib.metadata.version('gunicorn')}"
+def web_framework(name: str = "flask") -> str:
+    """Recorded in rows served over HTTP, as the seed recorded "flask"/"fastapi": the framework and
+    its server with their versions, e.g. "flask 3.1.3/gunicorn 27.0.1"."""
+    server = WEB_FRAMEWORKS[name]
+    return f"{name} {importlib.metadata.version(name)}/{server} {importlib.metadata.version(server)}"
 
 
 def load_model(settings: WorkerSettings, web_framework_of_rows: str | None,
@@ -38,12 +42,30 @@ def load_model(settings: WorkerSettings, web_framework_of_rows: str | None,
     return LoadedModel(runner, runner.class_names, runner.threshold)
 
 
-def build_service(settings: WorkerSettings, http: HttpSettings) -> InferenceService:
+def from_env(on_pull_ended: Callable[[], None] | None = None) -> tuple[InferenceService, AppOptions]:
+    """In the server process, for either framework: logs, settings, the service (not started) and
+    the endpoints' options. A start-up step that fails exits with the boot-error code."""
+    from worker import logs
+
+    logs.configure(os.environ.get("WORKER_LOG_LEVEL", "INFO"))
+    settings, http = WorkerSettings.from_env(), HttpSettings.from_env()
+    try:
+        service = build_service(settings, http, on_pull_ended=on_pull_ended)
+    except StartupError as exc:  # e.g. credentials missing for the clients the settings need
+        refuse_to_boot(exc)
+    options = AppOptions(max_image_bytes=settings.max_image_bytes, push_wait_s=http.push_wait_s,
+                         push_verifier=push_verifier(http))
+    return service, options
+
+
+def build_service(settings: WorkerSettings, http: HttpSettings,
+                  on_pull_ended: Callable[[], None] | None = None) -> InferenceService:
     """The service with the clients the settings need, made now (StartupError when credentials are
-    missing); the model loads later, in the background (service.start())."""
+    missing); the model loads later, in the background (service.start()). on_pull_ended: what
+    ends this server process when the pull stream ends (default: SIGTERM to itself)."""
     from worker.__main__ import build_puller, connect
 
-    framework = web_framework()
+    framework = web_framework(http.web_framework)
     cloud = connect(settings)
     if cloud.bigquery is None:
         _LOGGER.warning("no tables configured (WORKER_RESULTS_TABLE, WORKER_ERRORS_TABLE): /classify answers "
@@ -64,7 +86,7 @@ def build_service(settings: WorkerSettings, http: HttpSettings) -> InferenceServ
         make_puller=(lambda runner: build_puller(settings, runner, cloud.subscriber)) if settings.pull else None,
         on_ready=lambda: _write_ready_file(settings),
         on_load_failed=_stop_the_server,
-        on_pull_ended=_restart_this_worker,
+        on_pull_ended=on_pull_ended or _restart_this_worker,
     )
 
 
@@ -80,8 +102,9 @@ def _write_ready_file(settings: WorkerSettings) -> None:
 
 
 def refuse_to_boot(exc: Exception) -> None:
-    """In the gunicorn worker, building the app: exit with gunicorn's boot-error code, so the master
-    stops instead of forking a new worker that fails the same way; the supervisor restarts us."""
+    """Building the app (in the gunicorn worker, or before uvicorn starts): exit with gunicorn's
+    boot-error code, so its master stops instead of forking a new worker that fails the same way;
+    the supervisor restarts us."""
     _LOGGER.critical("exiting: cannot start: %s", exc)
     raise SystemExit(WORKER_BOOT_ERROR)
 
@@ -89,11 +112,12 @@ def refuse_to_boot(exc: Exception) -> None:
 def _stop_the_server(exc: Exception) -> None:
     # The model-load thread failed (the service has logged why): nothing can be served without a
     # model, so the same boot-error exit, from this thread.
-    _LOGGER.critical("exiting: %s failed (the error above says why); the gunicorn master stops too",
+    _LOGGER.critical("exiting: %s failed (the error above says why); the server stops (a gunicorn master too)",
                      getattr(exc, "step", "start-up"))
     os._exit(WORKER_BOOT_ERROR)
 
 
 def _restart_this_worker() -> None:
     # Graceful stop of this gunicorn worker; the master forks a fresh one (model and stream anew).
+    # (uvicorn passes its own: the same signal, and the process exits 1 for its supervisor.)
     os.kill(os.getpid(), signal.SIGTERM)
