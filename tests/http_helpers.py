@@ -102,19 +102,32 @@ _PYTHON_TYPES = {"STRING": (str,), "INTEGER": (int,), "FLOAT": (int, float), "BO
 
 def schema_problems(row: dict, table: str = "results") -> list[str]:
     """Why BigQuery would refuse the row: unknown columns, missing required ones, wrong types."""
-    fields = {f["name"]: f for f in schema(table)}
-    problems = [f"unknown column {name}" for name in row if name not in fields]
+    return _problems(row, schema(table))
+
+
+def _problems(row: dict, fields_list: list[dict], prefix: str = "") -> list[str]:
+    fields = {f["name"]: f for f in fields_list}
+    problems = [f"unknown column {prefix}{name}" for name in row if name not in fields]
     for name, spec in fields.items():
         value = row.get(name)
         if value is None:
             if spec.get("mode") == "REQUIRED":
-                problems.append(f"required column {name} is missing")
+                problems.append(f"required column {prefix}{name} is missing")
             continue
-        kinds = _PYTHON_TYPES[spec["type"]]
-        if not isinstance(value, kinds) or (spec["type"] in ("INTEGER", "FLOAT") and isinstance(value, bool)):
-            problems.append(f"{name}={value!r} is not {spec['type']}")
-        elif spec["type"] == "TIMESTAMP":
-            dt.datetime.fromisoformat(value)
+        values = value if spec.get("mode") == "REPEATED" else [value]
+        if spec.get("mode") == "REPEATED" and not isinstance(value, list):
+            problems.append(f"{prefix}{name}={value!r} is not a list (REPEATED)")
+            continue
+        for item in values:
+            if spec["type"] == "RECORD":
+                problems += (_problems(item, spec["fields"], f"{prefix}{name}.") if isinstance(item, dict)
+                             else [f"{prefix}{name}={item!r} is not a RECORD"])
+                continue
+            kinds = _PYTHON_TYPES[spec["type"]]
+            if not isinstance(item, kinds) or (spec["type"] in ("INTEGER", "FLOAT") and isinstance(item, bool)):
+                problems.append(f"{prefix}{name}={item!r} is not {spec['type']}")
+            elif spec["type"] == "TIMESTAMP":
+                dt.datetime.fromisoformat(item)
     return problems
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from worker.batch import BatchRunner, Delivery, PermanentError, Tables
 from worker.engines.base import EngineInfo
-from worker.preprocess import DecodeLimits
+from modelspec.preprocess import DecodeLimits
 from worker.sink import InsertOutcome
 from tests.helpers import png_bytes
 

@@ -29,7 +29,7 @@ from worker.http.metrics import Metrics
 from worker.http.oidc import PushAuthError, PushTokenVerifier, google_token_decoder
 from worker.http.push import PushEnvelopeError, envelope_for, parse_push_envelope
 from worker.http.service import InferenceService, LoadedModel, ServiceOptions
-from worker.preprocess import DecodeLimits
+from modelspec.preprocess import DecodeLimits
 from worker.settings import HttpSettings, SettingsError, StartupError, WorkerSettings
 from worker.sysinfo import SystemSampler, machine_facts
 
@@ -71,7 +71,7 @@ class Harness:
         def load_model():
             if gate is not None:
                 gate.wait(10)
-            return LoadedModel(self.runner, MANIFEST["class_names"], MANIFEST["threshold"])
+            return LoadedModel(self.runner)
 
         self.service = InferenceService(
             load or load_model,
@@ -247,6 +247,9 @@ def test_classify_returns_label_model_engine_and_stage_timings(harness):
     assert response.status_code == 200, response.json
     body = response.json
     assert body["label"] == "moon" and body["score"] > 0.99  # white image -> logit +5 in the fake engine
+    assert body["class_index"] == 1 and body["input_spec"] == "128x128x1 NHWC gray"
+    assert [(c["label"], c["class_index"]) for c in body["top_k"]] == [("moon", 1), ("grass", 0)]
+    assert body["top_k"][0]["score"] == body["score"] and body["logit"] == pytest.approx(5.0)
     assert body["model_name"] == "demo" and body["model_version"] == "7"
     assert (body["engine"], body["precision"], body["web_framework"]) == ("fake", "f32", FRAMEWORK)
     timings = body["timings_ms"]

@@ -23,7 +23,7 @@ from worker.engines.base import Engine
 from worker.jobs import Job, MalformedJob, parse_job, partial_identity
 from modelspec.preprocess import DecodeLimits, ImageRejected, preprocess_image
 from modelspec.outputs import Prediction, predictions
-from modelspec.spec import spec_from_manifest
+from modelspec.spec import ModelSpec, spec_from_manifest
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -185,6 +185,10 @@ class BatchRunner:
     def engine(self) -> Engine:
         """The runner's engine, its calls taking turns with the batches' (see _engine_lock)."""
         return _TakingTurns(self._engine, self._engine_lock) if self._engine_lock else self._engine
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
 
     @property
     def class_names(self) -> list[str]:

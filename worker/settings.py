@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
 
-from worker.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits
+from modelspec.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits
 
 
 class SettingsError(ValueError):

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.batch import sigmoid
+from modelspec.outputs import predictions
+from modelspec.preprocess import DecodeLimits, preprocess_image
+from modelspec.spec import ModelSpec
 from worker.engines.base import Engine
 from worker.http.batcher import MicroBatcher
-from worker.preprocess import DecodeLimits, decode_image
 
 # ImageRejected.reason -> HTTP status: too big 413, not an image we take 415, damaged 400.
 REJECTION_STATUS = {
@@ -37,7 +38,7 @@ def status_for_rejection(reason: str) -> int:
 
 @dataclass(frozen=True)
 class _Inference:
-    logit: float
+    outputs: np.ndarray  # this image's row of the model's output
     batch_size: int
     batch_inference_ms: float
     queue_ms: float  # waiting for the batcher, before the engine call
@@ -49,9 +50,12 @@ class _Inference:
 @dataclass(frozen=True)
 class Classification:
     label: str
-    score: float
+    score: float  # the label's own score
+    class_index: int
+    top_k: tuple[tuple[str, float, int], ...]
     logit: float
-    threshold: float
+    threshold: float | None
+    input_spec: str
     size_bytes: int
     receive_ms: float  # request in -> body read (before the decode starts)
     decode_ms: float
@@ -63,17 +67,19 @@ class Classification:
     batch_id: str
     cold: bool
 
+    def top_k_records(self) -> list[dict]:
+        return [{"label": label, "score": score, "class_index": index} for label, score, index in self.top_k]
+
     def timings_ms(self) -> dict[str, float]:
         return {"receive": self.receive_ms, "decode": self.decode_ms, "queue": self.queue_ms,
                 "inference": self.inference_ms, "batch_inference": self.batch_inference_ms, "total": self.total_ms}
 
 
 class Classifier:
-    def __init__(self, engine: Engine, class_names: list[str], threshold: float, limits: DecodeLimits, *,
+    def __init__(self, engine: Engine, spec: ModelSpec, limits: DecodeLimits, *,
                  max_batch: int, max_wait_s: float = 0.0, pipelines: int = 1, on_batch=None):
         self._engine = engine
-        self._class_names = list(class_names)
-        self._threshold = threshold
+        self._spec = spec
         self._limits = limits
         self._on_batch = on_batch  # (images, engine call ms) after each call: metrics
         self._cold = True
@@ -83,14 +89,15 @@ class Classifier:
     def classify(self, data: bytes, received_monotonic: float) -> Classification:
         """Raises ImageRejected (with .reason) for bytes that are not a usable image."""
         decode_started = time.monotonic()
-        pixels = decode_image(data, self._limits)
+        pixels = preprocess_image(data, self._spec, self._limits)
         decoded = time.monotonic()
         inference: _Inference = self._batcher.submit((pixels, decoded)).result()
-        score = float(sigmoid(np.array([inference.logit]))[0])
-        positive = score >= self._threshold
+        output = self._spec.output
+        (prediction,) = predictions(inference.outputs[None], output)
         return Classification(
-            label=self._class_names[1 if positive else 0], score=score, logit=inference.logit,
-            threshold=self._threshold, size_bytes=len(data),
+            label=prediction.label, score=prediction.score, class_index=prediction.class_index,
+            top_k=prediction.top_k, logit=prediction.raw, threshold=output.threshold if output.width == 1 else None,
+            input_spec=self._spec.summary(), size_bytes=len(data),
             receive_ms=max(0.0, (decode_started - received_monotonic) * 1000.0),
             decode_ms=(decoded - decode_started) * 1000.0, queue_ms=inference.queue_ms,
             inference_ms=inference.batch_inference_ms / inference.batch_size,
@@ -105,16 +112,16 @@ class Classifier:
     def _infer(self, items: list[tuple[np.ndarray, float]]) -> list[_Inference]:
         batch = np.stack([pixels for pixels, _ in items])
         started_monotonic = time.monotonic()
-        logits = self._engine.infer(batch).reshape(len(items), -1)[:, 0]
+        outputs = self._engine.infer(batch).reshape(len(items), -1)
         returned = time.monotonic()
         batch_ms = (returned - started_monotonic) * 1000.0
         cold, self._cold = self._cold, False
         if self._on_batch:
             self._on_batch(len(items), batch_ms)
         batch_id = uuid.uuid4().hex
-        return [_Inference(float(logit), len(items), batch_ms, max(0.0, (started_monotonic - submitted) * 1000.0),
+        return [_Inference(row, len(items), batch_ms, max(0.0, (started_monotonic - submitted) * 1000.0),
                            batch_id, cold, returned)
-                for logit, (_, submitted) in zip(logits, items)]
+                for row, (_, submitted) in zip(outputs, items)]
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,9 @@ def classify_row(result: Classification, facts: RecordFacts, model: dict, machin
         "event_key": facts.event_key, "run_id": facts.run_id, "bucket": HTTP_BUCKET,
         "object_name": facts.object_name, "generation": 0, "size_bytes": result.size_bytes,
         "content_type": facts.content_type, "object_created_at": None,
-        "label": result.label, "score": result.score, "logit": result.logit, "threshold": result.threshold,
+        "label": result.label, "score": result.score, "class_index": result.class_index,
+        "top_k": result.top_k_records(), "logit": result.logit, "threshold": result.threshold,
+        "input_spec": result.input_spec,
         "model_name": model["model_name"], "model_version": model["model_version"],
         "model_form": model["model_form"], "engine": model["engine"], "engine_version": model["engine_version"],
         "device": model["device"], "precision": model["precision"], "batch_size": result.batch_size,

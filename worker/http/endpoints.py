@@ -24,7 +24,7 @@ from worker.http.metrics import Metrics
 from worker.http.oidc import PushAuthError, PushTokenVerifier
 from worker.http.push import PushEnvelopeError, PushOutcome, parse_push_envelope, push_delivery
 from worker.http.service import PUSH_REFUSED, InferenceService, NoTables, NotReady
-from worker.preprocess import ImageRejected
+from modelspec.preprocess import ImageRejected
 
 _LOGGER = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -208,8 +208,9 @@ class HttpFace:
             return error_reply(status_for_rejection(exc.reason), exc.reason, str(exc))
         self.metrics.observe_classify(result.timings_ms())
         facts = service.model_facts()
-        body = {"label": result.label, "score": result.score, "logit": result.logit, "threshold": result.threshold,
-                **facts, "batch_size": result.batch_size, "timings_ms": result.timings_ms(), "recorded": False}
+        body = {"label": result.label, "score": result.score, "class_index": result.class_index,
+                "top_k": result.top_k_records(), "logit": result.logit, "threshold": result.threshold,
+                "input_spec": result.input_spec, **facts, "batch_size": result.batch_size, "timings_ms": result.timings_ms(), "recorded": False}
         if not record:
             return json_reply(body)
         return self._record(request, result, facts, body, image)

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 from worker.batch import BatchReport, BatchRunner, Delivery, Sink
 from worker.http.batcher import MicroBatcher
 from worker.http.classify import Classification, Classifier
-from worker.preprocess import DecodeLimits
+from modelspec.preprocess import DecodeLimits
 from worker.settings import StartupError
 
 _LOGGER = logging.getLogger(__name__)
@@ -35,8 +35,6 @@ class NoTables(RuntimeError):
 @dataclass(frozen=True)
 class LoadedModel:
     runner: BatchRunner
-    class_names: list[str]
-    threshold: float
 
 
 class Puller(Protocol):
@@ -116,7 +114,7 @@ class InferenceService:
             # One engine call at a time: OpenVINO and TensorFlow use every core for one call, so
             # concurrent requests wait for the running call and then go together as the next batch.
             self._classifier = Classifier(
-                runner.engine, loaded.class_names, loaded.threshold, options.limits, max_batch=options.batch_size,
+                runner.engine, runner.spec, options.limits, max_batch=options.batch_size,
                 pipelines=1, on_batch=self._classify_batch_done)
             self._push = MicroBatcher(self._run_push, max_batch=options.batch_size, max_wait_s=options.batch_wait_s,
                                       pipelines=options.pipelines, name="push")

@@ -39,7 +39,7 @@ def load_model(settings: WorkerSettings, web_framework_of_rows: str | None,
 
     io_pool = ThreadPoolExecutor(max_workers=settings.download_threads, thread_name_prefix="io")
     runner = build_runner(settings, io_pool, web_framework=web_framework_of_rows, cloud=cloud)
-    return LoadedModel(runner, runner.class_names, runner.threshold)
+    return LoadedModel(runner)
 
 
 def from_env(on_pull_ended: Callable[[], None] | None = None) -> tuple[InferenceService, AppOptions]:
