@@ -91,7 +91,7 @@ wrk:  ## install wrk, the load tool of make loadtest, when it is missing (Debian
 	@command -v wrk >/dev/null || $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y wrk \
 		|| { $(SUDO) apt-get update && $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y wrk; }
 
-loadtest: model wrk  ## POST /classify under load with wrk, per engine (LOADTEST_ARGS="--duration 20 --engines openvino")
+loadtest: model wrk  ## POST /classify under load with wrk: engines x web frameworks x connections (LOADTEST_ARGS="--duration 20 --engines openvino")
 	$(PY) -m localcloud.loadtest $(LOADTEST_ARGS)
 
 report: install  ## tables and build/report/index.html from sql/queries/ (REPORT_ARGS="--run-prefix bench-")
