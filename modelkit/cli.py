@@ -1,8 +1,9 @@
-"""`python -m modelkit ...`: demo-dataset, train, build-demo, verify, parity, publish, tfserving-standin.
+"""`python -m modelkit ...`: demo-dataset, train, build-demo, import, verify, parity, publish, tfserving-standin.
 
 Results go to stdout, progress and warnings to stderr. A ModelkitError (bad dataset, bad model
 directory) ends the command with one line on stderr and exit code 2, never a traceback.
-TensorFlow is imported only by the commands that train, so the others start in well under 2 s.
+TensorFlow is imported only by the commands that train or import a Keras, SavedModel or TFLite
+model, so the others start in well under 2 s.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import click
 
 from modelkit.errors import ContractError, ManifestError, ModelkitError
+from modelspec import spec as spec_values
 
 _LOGGER = logging.getLogger("modelkit")
 DEMO_PER_CLASS = 300
@@ -250,6 +252,118 @@ def publish(version_dir: Path, destination: str, project: str | None, overwrite:
     published = publish_version(version_dir, destination, client, overwrite=overwrite)
     verb = "published" if published.uploaded else "unchanged"
     click.echo(f"{verb:<9} {published.uri} ({published.files} files + manifest.json)")
+
+
+_SPEC_CHOICES = {"layout": spec_values.LAYOUTS, "color": spec_values.COLORS, "resize": spec_values.RESIZE_MODES,
+                 "interpolation": spec_values.INTERPOLATIONS, "kind": spec_values.OUTPUT_KINDS,
+                 "activation": spec_values.ACTIVATIONS}
+
+
+@cli.command("import")
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.option("--name", required=True, help="Model name: the version lands in MODELS_ROOT/NAME/VERSION.")
+@click.option("--version", type=click.IntRange(min=1), required=True)
+@click.option("--models-root", type=click.Path(path_type=Path), default=Path("build/models"), show_default=True)
+@click.option("--spec", "spec_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="JSON or YAML with any part of the spec (input, preprocess, output); flags override it.")
+@click.option("--hf-preprocessor", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="A Hugging Face preprocessor_config.json: resize, crop, rescale, mean/std and size.")
+@click.option("--input-name", default=None, help="Default: the model's only input.")
+@click.option("--layout", type=click.Choice(_SPEC_CHOICES["layout"]), default=None,
+              help="Default: read from the input shape (where the 1 or 3 channels are).")
+@click.option("--color", type=click.Choice(_SPEC_CHOICES["color"]), default=None,
+              help="Default: gray for 1 channel, rgb for 3.")
+@click.option("--size", default=None, help="HEIGHTxWIDTH, for a model whose input size is dynamic.")
+@click.option("--resize", type=click.Choice(_SPEC_CHOICES["resize"]), default=None, help="Default: stretch.")
+@click.option("--resize-shorter-to", type=click.IntRange(min=1), default=None,
+              help="shorter_side_crop: resize the shorter side to this, then cut the centre.")
+@click.option("--interpolation", type=click.Choice(_SPEC_CHOICES["interpolation"]), default=None,
+              help="Default: bilinear (Pillow).")
+@click.option("--letterbox-fill", type=click.IntRange(0, 255), default=None, help="letterbox: padding pixel value.")
+@click.option("--scale", default=None, help="Pixels (0-255) are multiplied by this; a fraction like 1/255 is fine.")
+@click.option("--offset", default=None, help="Added after scaling, e.g. -1 for [-1, 1].")
+@click.option("--mean", default=None, help="Per channel, in the spec's colour order: 0.485,0.456,0.406.")
+@click.option("--std", default=None, help="Per channel: 0.229,0.224,0.225.")
+@click.option("--output-name", default=None, help="Default: the model's only output.")
+@click.option("--kind", type=click.Choice(_SPEC_CHOICES["kind"]), default=None, help="Default: logits.")
+@click.option("--activation", type=click.Choice(_SPEC_CHOICES["activation"]), default=None,
+              help="Default: softmax over N outputs, sigmoid over one; none for probabilities.")
+@click.option("--labels", default=None, help="Class names in output order, comma-separated.")
+@click.option("--labels-file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Class names, one a line (or a JSON list).")
+@click.option("--threshold", type=float, default=None, help="One-output binary models: class 1 at or above it.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--calibration-dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Images like the ones the model will see: INT8 is calibrated on them (skipped without).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing version directory.")
+def import_(source: Path, name: str, version: int, models_root: Path, spec_file: Path | None,
+            hf_preprocessor: Path | None, labels_file: Path | None, calibration_dir: Path | None, overwrite: bool,
+            **flags: Any) -> None:
+    """Import a classifier trained elsewhere: SOURCE is a .keras/.h5 file, a SavedModel folder, an
+    .onnx or a .tflite file. Writes every form it allows, checked against the spec, with parity."""
+    from modelkit import import_spec as specs
+    from modelspec.hf import preprocess_from_hf
+
+    started = time.perf_counter()
+    layers, origin = [], {}
+    if hf_preprocessor:
+        layer = specs.declared_from_hf(*preprocess_from_hf(_read_json(hf_preprocessor)))
+        layers.append(layer)
+        origin.update({f"{s}.{k}": f"--hf-preprocessor {hf_preprocessor.name}" for s in layer for k in layer[s]})
+    if spec_file:
+        layer = specs.declared_from_file(_read_spec_file(spec_file), f"spec file {spec_file}")
+        layers.append(layer)
+        origin.update({f"{s}.{k}": f"spec file {spec_file.name}" for s in layer for k in layer[s]})
+    if labels_file:
+        flags["labels_text"] = specs.parse_labels_text(labels_file.read_text(encoding="utf-8"), str(labels_file))
+    layer, flag_origin = specs.declared_from_flags(flags)
+    layers.append(layer)
+    origin.update(flag_origin)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from modelkit.importer import ImportRequest, import_model
+
+    imported = import_model(ImportRequest(
+        source=source, models_root=models_root, name=name, version=version, declared=specs.merge_declared(*layers),
+        origin=origin, calibration_dir=calibration_dir, overwrite=overwrite))
+    manifest, version_dir = imported.manifest, imported.version_dir
+    undeclared = [key for key, said in imported.origins.items() if key.startswith("preprocess.") and said == "default"]
+    if len(undeclared) == len([k for k in imported.origins if k.startswith("preprocess.")]):
+        _LOGGER.warning("no preprocessing was declared: the defaults (stretch, bilinear, scale 1/255, no mean/std) "
+                        "are used; pass --scale/--offset/--mean/--std/--resize or --spec if the model was trained "
+                        "otherwise")
+    source_info = manifest["source"]
+    click.echo(f"source    {source_info['format']} {source} (sha256 {source_info['sha256'][:12]})")
+    click.echo(f"spec      {specs.describe_spec(imported.spec, imported.origins)}")
+    click.echo(f"model     {version_dir} (imported in {time.perf_counter() - started:.1f} s)")
+    _echo_forms(version_dir, manifest)
+    for form, row in manifest["parity"]["forms"].items():
+        click.echo(f"parity    {form:<14} max |d| {row['max_abs_diff']:.3g} ({row['worst_ratio']:.3g}x the "
+                   f"{row['tolerance']} tolerance), top-1 agreement {row['top1_agreement']:.3f}, {row['engine']} "
+                   f"{row['precision']}")
+    for form, reason in manifest.get("skipped_forms", {}).items():
+        click.echo(f"skipped   {form:<14} {reason}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelkitError(f"cannot read {path} as JSON: {exc}") from None
+
+
+def _read_spec_file(path: Path) -> Any:
+    """JSON (.json) or YAML (.yaml, .yml; PyYAML's safe loader)."""
+    if path.suffix.lower() == ".json":
+        return _read_json(path)
+    try:
+        import yaml
+    except ImportError:
+        raise ModelkitError(f"{path}: reading YAML needs PyYAML (pip install pyyaml==6.0.3); or give the spec "
+                            "as JSON") from None
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ModelkitError(f"cannot read {path} as YAML: {' '.join(str(exc).split())}") from None
 
 
 @cli.command("tfserving-standin")

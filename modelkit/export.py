@@ -1,6 +1,8 @@
 """Write a trained Keras model as the forms engines load, and run each form for evaluation.
 
-The layout of one version directory is described in `modelkit.layout`.
+The layout of one version directory is described in `modelkit.layout`. TensorFlow and Keras are
+imported by the functions that use them, so converting an ONNX or TFLite model (modelkit.importer)
+does not pay TensorFlow's import.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ import sys
 import uuid
 from pathlib import Path
 
-import keras
 import numpy as np
 import openvino as ov
-import tensorflow as tf
 
 from modelkit.errors import ExportError
 from modelkit.layout import FORMS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, SIGNATURE, WARMUP_RECORDS
@@ -35,6 +35,9 @@ def export_saved_model(model: keras.Model, version_dir: Path) -> None:
     The model ends in a linear Dense(1); the sigmoid lives here so every engine also exposes the
     logit, which is what parity checks compare (probabilities saturate and hide differences).
     """
+    import keras
+    import tensorflow as tf
+
     archive = keras.export.ExportArchive()
     archive.track(model)
 
@@ -47,20 +50,25 @@ def export_saved_model(model: keras.Model, version_dir: Path) -> None:
     archive.write_out(str(version_dir), verbose=False)
 
 
-def export_openvino(version_dir: Path) -> None:
-    """Convert the SavedModel in version_dir to FP32 and FP16 IRs with a dynamic batch."""
-    converted = ov.convert_model(str(version_dir))
+def export_openvino(version_dir: Path, source: Path | None = None, input_name: str = INPUT_NAME,
+                    output_names: tuple[str, ...] = OUTPUT_NAMES) -> None:
+    """Convert a model to FP32 and FP16 IRs in version_dir: by default the SavedModel that
+    version_dir is (dynamic batch); `source` may name another file ov.convert_model reads (ONNX,
+    TFLite). The IRs must keep the input and output names the engines look up."""
+    converted = ov.convert_model(str(source or version_dir))
     # FP32 first: the saved file, not the in-memory model, is what evaluation reads back.
     ov.save_model(converted, str(version_dir / FORMS["openvino_fp32"]), compress_to_fp16=False)
     ov.save_model(converted, str(version_dir / FORMS["openvino_fp16"]), compress_to_fp16=True)
     for form in ("openvino_fp32", "openvino_fp16"):
-        _check_ir_names(version_dir / FORMS[form])
+        _check_ir_names(version_dir / FORMS[form], input_name, output_names)
 
 
-def quantize_int8(version_dir: Path, calibration_images: np.ndarray) -> dict:
+def quantize_int8(version_dir: Path, calibration_images: np.ndarray, input_name: str = INPUT_NAME,
+                  output_names: tuple[str, ...] = OUTPUT_NAMES, sample_batch: int = 1) -> dict:
     """NNCF post-training quantization of the FP32 IR (min/max statistics on calibration_images,
-    one image per NNCF sample, fast bias correction). Writes openvino/int8 and returns facts for
-    the manifest. Calibration images must come from the training split, never the held-out one."""
+    `sample_batch` images per NNCF sample: 1, or the fixed batch size of a model that has one;
+    fast bias correction). Writes openvino/int8 and returns facts for the manifest. Calibration
+    images must come from the training split, never the held-out one."""
     try:
         import nncf
     except ImportError as exc:
@@ -69,7 +77,8 @@ def quantize_int8(version_dir: Path, calibration_images: np.ndarray) -> dict:
     if len(calibration_images) == 0:
         raise ExportError("INT8 quantization needs at least one calibration image")
     model = ov.Core().read_model(str(version_dir / FORMS["openvino_fp32"]))
-    samples = [calibration_images[index : index + 1] for index in range(len(calibration_images))]
+    samples = [_padded(calibration_images[index : index + sample_batch], sample_batch)
+               for index in range(0, len(calibration_images), sample_batch)]
     nncf.set_log_level(logging.WARNING)
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stderr is for progress here
         quantized = nncf.quantize(
@@ -80,17 +89,28 @@ def quantize_int8(version_dir: Path, calibration_images: np.ndarray) -> dict:
         )
     target = version_dir / FORMS["openvino_int8"]
     ov.save_model(quantized, str(target), compress_to_fp16=False)
-    _check_ir_names(target)
+    _check_ir_names(target, input_name, output_names)
     return {
         "tool": f"nncf {nncf.__version__}",
         "method": "post-training quantization (nncf.quantize), preset performance, fast bias correction",
-        "calibration_images": len(samples),
+        "calibration_images": len(calibration_images),
     }
 
 
-def write_warmup_requests(version_dir: Path, model_name: str, images: np.ndarray) -> None:
+def _padded(images: np.ndarray, size: int) -> np.ndarray:
+    """images, with copies of the first appended up to size (a fixed batch's last slice)."""
+    if len(images) >= size:
+        return images
+    return np.concatenate([images, np.repeat(images[:1], size - len(images), axis=0)])
+
+
+def write_warmup_requests(version_dir: Path, model_name: str, images: np.ndarray, input_name: str = INPUT_NAME,
+                          batch_sizes: tuple[int, ...] = WARMUP_BATCH_SIZES) -> None:
     """TF Serving's SavedModel warm-up: a TFRecord of PredictionLog under assets.extra/, one
-    PredictRequest per batch size in WARMUP_BATCH_SIZES (real images, so no saturated paths)."""
+    PredictRequest per batch size (real images, so no saturated paths; a model with a fixed batch
+    dimension is warmed with that size only)."""
+    import tensorflow as tf
+
     try:
         from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
     except ImportError:
@@ -103,30 +123,33 @@ def write_warmup_requests(version_dir: Path, model_name: str, images: np.ndarray
     target = version_dir / WARMUP_RECORDS
     target.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(target)) as writer:
-        for batch_size in WARMUP_BATCH_SIZES:
+        for batch_size in batch_sizes:
             batch = np.resize(images, (batch_size, *images.shape[1:])).astype(np.float32)  # repeats if few
             request = predict_pb2.PredictRequest(
                 model_spec=model_pb2.ModelSpec(name=model_name, signature_name=SIGNATURE)
             )
-            request.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(batch))
+            request.inputs[input_name].CopyFrom(tf.make_tensor_proto(batch))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
 
 
-def _check_ir_names(xml_path: Path) -> None:
+def _check_ir_names(xml_path: Path, input_name: str = INPUT_NAME,
+                    wanted_outputs: tuple[str, ...] = OUTPUT_NAMES) -> None:
     """Engines look tensors up by name; fail the build now rather than the worker later."""
     model = ov.Core().read_model(str(xml_path))
     input_names = [sorted(port.get_names()) for port in model.inputs]
     output_names = set().union(*(port.get_names() for port in model.outputs))
-    if len(model.inputs) != 1 or INPUT_NAME not in input_names[0]:
-        raise ExportError(f"{xml_path} has inputs {input_names}, expected one named {INPUT_NAME!r}")
-    missing = [name for name in OUTPUT_NAMES if name not in output_names]
+    if len(model.inputs) != 1 or input_name not in input_names[0]:
+        raise ExportError(f"{xml_path} has inputs {input_names}, expected one named {input_name!r}")
+    missing = [name for name in wanted_outputs if name not in output_names]
     if missing:
         raise ExportError(f"{xml_path} lacks outputs {missing} (has {sorted(output_names)})")
 
 
 def saved_model_outputs(version_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     """Run the exported serving signature (not the in-memory Keras model) over images."""
+    import tensorflow as tf
+
     signature = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE]
     batches = [
         signature(**{INPUT_NAME: tf.constant(images[start : start + EVAL_BATCH])})

@@ -520,10 +520,13 @@ class Image:
 
 
 IMAGES = [
+    # Neither worker image serves ONNX models: the onnxruntime engine (the `onnx` extra) stays out.
     Image("worker-openvino.Dockerfile", "docker/requirements-worker.txt", ("worker.__main__",),
-          frozenset({"worker.engines.tensorflow_engine", "worker.engines.tfserving_engine"})),
+          frozenset({"worker.engines.tensorflow_engine", "worker.engines.tfserving_engine",
+                     "worker.engines.onnxruntime_engine"})),
     Image("worker-tensorflow.Dockerfile", "docker/requirements-worker-tensorflow.txt",
-          ("worker.__main__", "worker.engines.tensorflow_engine", "worker.engines.tfserving_engine")),
+          ("worker.__main__", "worker.engines.tensorflow_engine", "worker.engines.tfserving_engine"),
+          frozenset({"worker.engines.onnxruntime_engine"})),
     Image("train.Dockerfile", "docker/requirements-train.txt", ("modelkit.cli",)),
     Image("function.Dockerfile", "functions/requirements.txt", (REPO / "functions" / "main.py",)),
     Image("localcloud.Dockerfile", "docker/requirements-localcloud.txt",

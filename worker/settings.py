@@ -24,7 +24,7 @@ class StartupError(RuntimeError):
         self.step = step
 
 
-ENGINES = ("openvino", "tensorflow", "tfserving")
+ENGINES = ("openvino", "tensorflow", "tfserving", "onnxruntime")
 # WORKER_WEB_FRAMEWORK of `serve` -> the server it runs under (worker/http/).
 WEB_FRAMEWORKS = {"flask": "gunicorn", "fastapi": "uvicorn"}
 PRECISIONS = ("f32", "bf16", "f16", "int8", "default")
@@ -51,7 +51,7 @@ class WorkerSettings:
     model_cache_dir: Path = Path(tempfile.gettempdir()) / "worker-model-cache"
     engine: str = "openvino"
     precision: str = "f32"
-    engine_threads: int = 0  # OpenVINO INFERENCE_NUM_THREADS; 0: every core
+    engine_threads: int = 0  # OpenVINO INFERENCE_NUM_THREADS, ONNX Runtime intra-op threads; 0: every core
     batch_size: int = 32
     batch_wait_ms: float = 10.0
     max_outstanding_messages: int = 256
