@@ -145,80 +145,116 @@ def verify(version_dir: Path) -> None:
     )
 
 
-DEFAULT_PARITY_CASES = (
-    "openvino:f32", "openvino:bf16", "openvino:f16", "openvino:int8", "openvino:default",
-    "tensorflow:f32", "tfserving-rest:f32", "tfserving-grpc:f32",
-)
-
-
 @cli.command()
 @click.option("--model-dir", type=click.Path(path_type=Path), required=True, help="A model version directory.")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
+              help="Images to compare on, read recursively: in sub-folders named like the model's classes "
+                   "(accuracy is measured) or flat (no labels). Needed for an imported model. Default: the "
+                   "held-out split of the dataset in the manifest.")
 @click.option("--dataset-dir", type=click.Path(path_type=Path), default=None,
               help="The folder the model was trained on. Default: the path in its manifest.")
-@click.option("--engines", "engine_specs", default=",".join(DEFAULT_PARITY_CASES), show_default=True,
+@click.option("--engines", "engine_specs", default=None,
               help="Comma-separated ENGINE:PRECISION cases; engines: openvino, tensorflow, tfserving-rest, "
-                   "tfserving-grpc.")
+                   "tfserving-grpc, onnxruntime. Default: every case the model's forms allow (openvino "
+                   "f32/bf16/f16/int8/default, tensorflow:f32 and tfserving-rest/grpc:f32 with a SavedModel, "
+                   "onnxruntime:f32 with an ONNX file).")
+@click.option("--min-accuracy", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Exit 1 when the reference's accuracy on the labelled images is below this: a spec that is "
+                   "not how the model was trained (colour order, layout, mean/std) shows here, not between engines.")
 @click.option("--tfserving-url", default=None,
               help="REST URL of a running TF Serving (http://host:8501). Default: the stand-in, in process.")
 @click.option("--tfserving-grpc", default=None, help="gRPC address of a running TF Serving (host:8500).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N held-out images.")
-def parity(model_dir: Path, dataset_dir: Path | None, engine_specs: str, tfserving_url: str | None,
-           tfserving_grpc: str | None, batch_size: int, limit: int | None) -> None:
-    """Compare every engine x precision with the TensorFlow reference on the held-out images:
-    max |d logit|, label flips, latency. Exits 1 when any case is outside its tolerance."""
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only N images: the first N held-out ones, or N evenly spaced over the sorted --images files.")
+def parity(model_dir: Path, images_dir: Path | None, dataset_dir: Path | None, engine_specs: str | None,
+           min_accuracy: float | None, tfserving_url: str | None, tfserving_grpc: str | None, batch_size: int,
+           limit: int | None) -> None:
+    """Compare every engine x precision with the model's reference (its source framework: TensorFlow for a
+    SavedModel, else ONNX Runtime, else the TFLite interpreter) on held-out or given images: max |d logit|,
+    label flips, accuracy, latency. Exits 1 when any case is outside its tolerance or the reference's
+    accuracy is below --min-accuracy."""
+    from modelkit import parity as checks
     from modelspec.manifest import verify_manifest
 
-    specs = [spec.strip() for spec in engine_specs.split(",") if spec.strip()]
-    for spec in specs:
-        engine, _, precision = spec.partition(":")
-        if engine not in ("openvino", "tensorflow", "tfserving-rest", "tfserving-grpc") or not precision:
-            raise ModelkitError(f"--engines: {spec!r} is not ENGINE:PRECISION with a known engine")
+    cases_asked = [case.strip() for case in (engine_specs or "").split(",") if case.strip()]
+    for case in cases_asked:
+        engine, _, precision = case.partition(":")
+        if engine not in checks.ENGINES or not precision:
+            raise ModelkitError(f"--engines: {case!r} is not ENGINE:PRECISION with a known engine "
+                                f"({', '.join(checks.ENGINES)})")
+    if images_dir is not None and dataset_dir is not None:
+        raise ModelkitError("give --images or --dataset-dir, not both")
     manifest = verify_manifest(model_dir)
+    model = f"{manifest['name']}/{manifest['version']}"
+    if images_dir is None and not manifest.get("dataset"):
+        raise ModelkitError(f"model {model} has no held-out split (its manifest names no training dataset, as "
+                            "for an imported model): pass --images FOLDER, in sub-folders named like its classes "
+                            f"({', '.join(manifest['class_names'])}) to measure accuracy too")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
-    from modelkit import parity as checks
     from modelspec.preprocess import preprocess_image
     from modelspec.spec import spec_from_manifest
 
-    held_out = checks.held_out_images(manifest, dataset_dir)
-    data, labels = held_out.data[:limit], held_out.labels[:limit]
     spec = spec_from_manifest(manifest)
-    reference = checks.reference_logits(model_dir, np.stack([preprocess_image(item, spec) for item in data]),
-                                        batch_size, spec)
+    if images_dir is not None:
+        found = checks.images_from_folder(images_dir, spec, limit)
+        data, labels, pixels, where = found.data, found.labels, found.pixels, found.describe()
+    else:
+        held_out = checks.held_out_images(manifest, dataset_dir)
+        data, labels = held_out.data[:limit], held_out.labels[:limit]
+        pixels = np.stack([preprocess_image(item, spec) for item in data])
+        where = f"{len(data)} held-out from {held_out.paths[0].parent.parent if held_out.paths else '?'}"
+    if min_accuracy is not None and labels is None:
+        raise ModelkitError(f"--min-accuracy needs labelled images: {images_dir} has no sub-folder named like a "
+                            f"class of the model ({', '.join(spec.output.class_names)})")
+    cases_run = cases_asked or checks.default_cases(manifest["forms"])
+    reference = checks.reference_outputs(model_dir, manifest, pixels, batch_size, spec)
+    accuracy = checks.accuracy(reference.outputs, labels, spec.output) if labels is not None else None
     standin = None
-    needs_standin = any(spec.startswith("tfserving") for spec in specs) and not (tfserving_url and tfserving_grpc)
+    needs_standin = (any(case.startswith("tfserving") for case in cases_run)
+                     and not (tfserving_url and tfserving_grpc))
     if needs_standin:
         from modelkit.tfserving_standin import StandIn
 
         standin = StandIn(manifest["name"], model_dir.parent, version=int(manifest["version"])).start()
         _LOGGER.info("TF Serving stand-in in process: REST %s, gRPC %s", standin.rest_url, standin.grpc_target)
     try:
-        cases = [_parity_case(spec, model_dir, manifest, tfserving_url or (standin and standin.rest_url),
-                              tfserving_grpc or (standin and standin.grpc_target)) for spec in specs]
-        threshold = checks.threshold_logit(float(manifest["threshold"]))
-        rows = [checks.run_case(case, data, labels, reference, threshold, spec, batch_size) for case in cases]
+        cases = [_parity_case(case, model_dir, manifest, tfserving_url or (standin and standin.rest_url),
+                              tfserving_grpc or (standin and standin.grpc_target)) for case in cases_run]
+        threshold = checks.decision_threshold(spec.output)
+        rows = [checks.run_case(case, data, labels, reference.outputs, threshold, spec, batch_size) for case in cases]
     finally:
         if standin:
             standin.stop()
-    click.echo(f"parity    {manifest['name']}/{manifest['version']} vs TensorFlow SavedModel reference, "
-               f"{len(data)} held-out images from {held_out.paths[0].parent.parent if held_out.paths else '?'}")
+    floor = f" (--min-accuracy {min_accuracy:g})" if min_accuracy is not None else ""
+    click.echo(f"parity    {model} vs {reference.describe()}")
+    click.echo(f"images    {where}")
+    click.echo(f"accuracy  reference {accuracy:.4f} on {len(data)} labelled images{floor}" if accuracy is not None
+               else "accuracy  - (no labels)")
     click.echo(checks.format_table(rows, batch_size))
     failed = [row for row in rows if not row.passed]
+    too_low = min_accuracy is not None and accuracy is not None and accuracy < min_accuracy
     if failed:
         click.echo(f"FAILED    {len(failed)} of {len(rows)} cases outside tolerance: "
                    + ", ".join(f"{row.engine}:{row.precision}" for row in failed), err=True)
+    if too_low:
+        click.echo(f"FAILED    reference accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy:g}: the spec "
+                   f"({spec.summary()}) may not be how the model was trained (colour order, layout, mean/std, "
+                   "resize); engines agreeing cannot show it, they get the same pixels as the reference", err=True)
+    if failed or too_low:
         raise click.exceptions.Exit(1)
-    click.echo(f"ok        all {len(rows)} cases within tolerance")
+    click.echo(f"ok        all {len(rows)} cases within tolerance"
+               + (f", reference accuracy {accuracy:.4f} >= {min_accuracy:g}" if min_accuracy is not None else ""))
 
 
-def _parity_case(spec: str, model_dir: Path, manifest: dict[str, Any], rest_url: str | None,
+def _parity_case(case: str, model_dir: Path, manifest: dict[str, Any], rest_url: str | None,
                  grpc_target: str | None):
     from modelkit.parity import Case
     from worker.engines import TFServingOptions, create_engine
 
-    engine, _, precision = spec.partition(":")
+    engine, _, precision = case.partition(":")
     if engine.startswith("tfserving"):
         protocol = engine.split("-", 1)[1]
         options = TFServingOptions(url=(rest_url if protocol == "rest" else grpc_target) or "", protocol=protocol)
