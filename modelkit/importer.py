@@ -146,7 +146,12 @@ def import_model(request: ImportRequest) -> Imported:
         inputs = warmup_batch(RANDOM_INPUTS, seed=RANDOM_SEED, spec=spec)
         inputs_note = (f"{len(inputs)} random images (uniform 8-bit pixels, seed {RANDOM_SEED}) through the spec's "
                        "arithmetic: no calibration images were given")
-    reference = source.run(inputs, spec)
+    try:
+        reference = source.run(inputs, spec)
+    except Exception as exc:  # the source cannot run on inputs shaped as the spec says
+        raise ImportRefused(f"{source.runtime} cannot run {request.source} on {spec.summary()} inputs as the spec "
+                            f"declares them ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}): check "
+                            "--layout, --size and --color against the model") from None
     check_outputs(reference, spec, f"the {kind} model run by {source.runtime}")
 
     made_parent = not target.parent.exists()

@@ -800,3 +800,26 @@ def test_workers_serve_imported_models_from_a_bucket_and_a_folder(stack, keras_i
         for blob in storage.list_blobs(bucket):
             blob.delete()
         storage.bucket(bucket).delete()
+
+
+def test_a_source_that_cannot_run_on_the_declared_layout_is_refused_in_one_line(tmp_path):
+    """Every input dimension dynamic, so the import cannot read the layout; the Conv needs 3 channels
+    on axis 1, so NHWC input cannot run: one line naming the spec's input and what to check."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "W")]
+    nodes = [helper.make_node("Conv", ["input", "W"], ["conv"]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["logits"])]
+    graph = helper.make_graph(nodes, "dynamic", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                               ["N", "C", "H", "W"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(tmp_path / "dynamic.onnx"))
+
+    line = refused(tmp_path / "dynamic.onnx", "--name", "dyn", "--version", "1", "--models-root", tmp_path / "m",
+                   "--layout", "NHWC", "--size", "16x16", "--color", "rgb", "--labels", "a,b,c,d")
+
+    assert "cannot run" in line and "16x16x3 NHWC rgb" in line and "--layout" in line, line
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").rglob("manifest.json"))
