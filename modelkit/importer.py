@@ -29,7 +29,6 @@ import hashlib
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
 import time
@@ -43,7 +42,7 @@ import numpy as np
 
 from modelkit.errors import ModelkitError
 from modelkit.import_spec import ModelFacts, TensorInfo, assemble_spec, check_outputs, labels_from_metadata
-from modelkit.layout import FORMS, SIGNATURE, WARMUP_RECORDS
+from modelkit.layout import FORMS, SIGNATURE, WARMUP_RECORDS, version_dir_for
 from modelspec.manifest import hash_tree, sha256_file, verify_manifest, write_manifest
 from modelspec.preprocess import ImageRejected, preprocess_image
 from modelspec.spec import ModelSpec
@@ -64,8 +63,6 @@ CHUNK = 32  # images per call of a source or engine during the import
 ONNXRUNTIME_PIN = "onnxruntime==1.31.1"
 INT8_SKIPPED = ("no calibration images (--calibration-dir): NNCF sets INT8 ranges from real images like the ones "
                 "the model will see, and random pixels would set them wrong")
-# Same rule as modelkit.train.version_dir_for (TF Serving needs numeric versions; names are folders).
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # The tolerance each form's parity is judged by (keys of modelkit.parity.TOLERANCES): FP16 weights
 # are rounded to 11 bits even with the f32 hint; INT8 is compared on outputs clipped as parity does.
 FORM_TOLERANCE = {"saved_model": "f32", "onnx": "f32", "openvino_fp32": "f32", "openvino_fp16": "f16",
@@ -114,20 +111,12 @@ def detect_format(source: Path) -> str:
     return kind
 
 
-def target_dir(models_root: Path, name: str, version: int) -> Path:
-    if not _NAME_PATTERN.fullmatch(name):
-        raise ImportRefused(f"model name {name!r} must be letters, digits, '_', '.', '-' and not start with '.' or '-'")
-    if version < 1:
-        raise ImportRefused(f"version must be a positive integer (TF Serving's layout), got {version}")
-    return Path(models_root) / name / str(version)
-
-
 def import_model(request: ImportRequest) -> Imported:
     """Read, check, convert, measure, write the manifest, publish the version directory atomically."""
     from modelkit import export
 
     started = time.perf_counter()
-    target = target_dir(request.models_root, request.name, request.version)
+    target = version_dir_for(request.models_root, request.name, request.version)
     if target.exists() and not request.overwrite:
         raise ImportRefused(f"{target} already exists; pass --overwrite to replace it or pick another --version")
     kind = detect_format(request.source)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import re
 import shutil
 import sys
 import time
@@ -24,11 +23,11 @@ import PIL
 import tensorflow as tf
 
 from modelkit import export
-from modelkit.dataset import LabelledImages, held_out_fingerprint, stratified_split
+from modelkit.dataset import TRAINING_SPEC, LabelledImages, held_out_fingerprint, stratified_split
 from modelkit.errors import ExportError
+from modelkit.layout import version_dir_for
 from modelspec.manifest import verify_manifest, write_manifest
 from modelkit.metrics import CONFUSION_MATRIX_LAYOUT, binary_metrics
-from modelkit.dataset import TRAINING_SPEC
 from modelspec.spec import demo_spec
 from worker.sysinfo import cpu_isa_flags
 
@@ -48,7 +47,6 @@ ARCHITECTURE = (
     "seed 000 128CNN: Conv2D(64,3,relu) > MaxPool2 > Dropout > Conv2D(64,3,relu) > MaxPool2 > "
     "Dropout > Flatten > Dense(64,relu) > Dense(1, linear logit); sigmoid in the serving signature"
 )
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -59,15 +57,6 @@ class TrainSettings:
     epochs: int = DEFAULT_EPOCHS
     seed: int = 0
     overwrite: bool = False
-
-
-def version_dir_for(models_root: Path, name: str, version: int) -> Path:
-    """`<models_root>/<name>/<version>`, after checking both parts are safe directory names."""
-    if not _NAME_PATTERN.fullmatch(name):
-        raise ExportError(f"model name {name!r} must be letters, digits, '_', '.', '-' and not start with '.' or '-'")
-    if version < 1:
-        raise ExportError(f"version must be a positive integer (TF Serving's layout), got {version}")
-    return Path(models_root) / name / str(version)
 
 
 def build_model(dropout_rate: float = DROPOUT_RATE) -> keras.Model:
