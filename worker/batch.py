@@ -123,10 +123,6 @@ class _Item:
             (delivery.ack if acked else delivery.nack)()
 
 
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-
-
 def ms_between(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
     if start is None or end is None:
         return None
@@ -153,8 +149,6 @@ class BatchRunner:
     ):
         self._engine = engine
         self._info = engine.describe()
-        self._class_names = list(manifest["class_names"])
-        self._threshold = float(manifest.get("threshold", 0.5))
         self._model_name = str(manifest["name"])
         self._model_version = str(manifest["version"])
         self._fetcher = fetcher
@@ -189,14 +183,6 @@ class BatchRunner:
     @property
     def spec(self) -> ModelSpec:
         return self._spec
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self._class_names)
-
-    @property
-    def threshold(self) -> float:
-        return self._threshold
 
     @property
     def model_name(self) -> str:
@@ -406,7 +392,7 @@ class BatchRunner:
             "top_k": [{"label": label, "score": score, "class_index": index}
                       for label, score, index in prediction.top_k],
             "logit": prediction.raw,
-            "threshold": self._threshold if self._spec.output.width == 1 else None,
+            "threshold": self._spec.output.threshold if self._spec.output.width == 1 else None,
             "input_spec": self._spec.summary(),
             "model_name": self._model_name,
             "model_version": self._model_version,
