@@ -32,6 +32,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.lock
 	# TF Serving's client protos declare a dependency on full tensorflow; we run tensorflow-cpu.
 	$(PY) -m pip install --quiet --no-deps tensorflow-serving-api==2.21.0
+	# modelkit cloud-train uses only the Vertex AI API client (aiplatform_v1), whose dependencies the
+	# lock has; the package also declares google-genai, which caps tenacity below the lock's 9.2.1.
+	$(PY) -m pip install --quiet --no-deps google-cloud-aiplatform==2.7.0
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -3,10 +3,11 @@
 locals {
   labels = merge({ app = "gcs-inference-pipeline", managed-by = "terraform" }, var.labels)
 
-  upload_bucket_name = coalesce(var.upload_bucket_name, "${var.project_id}-uploads")
-  models_bucket_name = coalesce(var.models_bucket_name, "${var.project_id}-models")
-  source_bucket_name = "${var.project_id}-function-source"
-  dataset_location   = coalesce(var.dataset_location, var.region)
+  upload_bucket_name   = coalesce(var.upload_bucket_name, "${var.project_id}-uploads")
+  models_bucket_name   = coalesce(var.models_bucket_name, "${var.project_id}-models")
+  training_bucket_name = coalesce(var.training_bucket_name, "${var.project_id}-training")
+  source_bucket_name   = "${var.project_id}-function-source"
+  dataset_location     = coalesce(var.dataset_location, var.region)
 
   # Table ids as the worker wants them: project.dataset.table.
   results_table_id = "${var.project_id}.${google_bigquery_dataset.inference.dataset_id}.${google_bigquery_table.results.table_id}"
@@ -26,6 +27,7 @@ locals {
 
 resource "google_project_service" "apis" {
   for_each = toset([
+    "aiplatform.googleapis.com",
     "artifactregistry.googleapis.com",
     "bigquery.googleapis.com",
     "cloudbuild.googleapis.com",

@@ -96,3 +96,27 @@ output "roll_command" {
     "--max-unavailable=0",
   ])
 }
+
+output "training_bucket" {
+  description = "Bucket for training datasets: gcloud storage cp -r DATASET gs://BUCKET/datasets/NAME"
+  value       = google_storage_bucket.training.name
+}
+
+output "training_service_account" {
+  description = "Identity of Vertex AI training jobs (cloud-train --service-account)."
+  value       = google_service_account.trainer.email
+}
+
+output "cloud_train_command" {
+  description = "Trains the demo model in a Vertex AI custom job and publishes the next version for the workers."
+  value = join(" ", [
+    "python -m modelkit cloud-train",
+    "--project=${var.project_id}",
+    "--region=${var.region}",
+    "--image=${local.image_base}/train:COMMIT_SHA",
+    "--service-account=${google_service_account.trainer.email}",
+    "--data=gs://${google_storage_bucket.training.name}/datasets/demo",
+    "--out=gs://${google_storage_bucket.models.name}/models",
+    "--name=demo",
+  ])
+}

@@ -65,6 +65,18 @@ variable "models_bucket_name" {
   default     = null
 }
 
+variable "training_bucket_name" {
+  description = "Name of the bucket that holds training datasets (gs://BUCKET/datasets/NAME/<class>/...) for Vertex AI jobs. Null: PROJECT_ID-training."
+  type        = string
+  default     = null
+}
+
+variable "training_submitters" {
+  description = "Members allowed to submit training jobs (python -m modelkit cloud-train): roles/aiplatform.user on the project and actAs on the trainer service account only, e.g. [\"user:you@example.com\"]."
+  type        = list(string)
+  default     = []
+}
+
 variable "force_destroy_buckets" {
   description = "Let `terraform destroy` delete buckets that still hold objects. Keep false in production; set true for a throw-away project."
   type        = bool

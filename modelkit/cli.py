@@ -1,4 +1,4 @@
-"""`python -m modelkit ...`: demo-dataset, train, build-demo, import, verify, parity, publish, tfserving-standin.
+"""`python -m modelkit ...`: demo-dataset, train, cloud-train, build-demo, import, verify, parity, publish, tfserving-standin.
 
 Results go to stdout, progress and warnings to stderr. A ModelkitError (bad dataset, bad model
 directory) ends the command with one line on stderr and exit code 2, never a traceback.
@@ -71,20 +71,157 @@ def demo_dataset(out: Path, per_class: int, seed: int) -> None:
 
 
 @cli.command()
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
-              help="Folder with exactly two class sub-folders; sorted names, the second is positive.")
-@click.option("--out", "models_root", type=click.Path(path_type=Path), required=True,
-              help="Models root; the version lands in OUT/NAME/VERSION.")
+@click.option("--data", "data", required=True,
+              help="Folder with exactly two class sub-folders (sorted names, the second is positive): a local "
+                   "path, a /gcs/BUCKET/... FUSE path or gs://BUCKET/PREFIX (read through /gcs when mounted, "
+                   "else downloaded).")
+@click.option("--out", "out", default=None,
+              help="Models root: the version lands in OUT/NAME/VERSION. A local folder, or gs://BUCKET/models "
+                   "(published with the manifest last, as `publish` does). Default: $AIP_MODEL_DIR (Vertex AI).")
 @click.option("--name", required=True)
-@click.option("--version", type=click.IntRange(min=1), required=True)
+@click.option("--version", type=click.IntRange(min=1), default=None,
+              help="Default: one above the highest version of NAME at --out.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Most epochs; training stops once converged. Default: modelkit.train.DEFAULT_EPOCHS (12).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace an existing version directory.")
-def train(
-    data_dir: Path, models_root: Path, name: str, version: int, epochs: int | None, seed: int, overwrite: bool
-) -> None:
-    """Train the CNN on DATA and export SavedModel + OpenVINO IRs + manifest."""
-    _train(data_dir, models_root, name, version, epochs, seed, overwrite)
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="TensorFlow intra-op threads. Default: the cores this process may use (affinity and cgroup "
+                   "quota: a container sees the machine type's vCPUs); 0: TensorFlow's own default.")
+@click.option("--log-format", type=click.Choice(["auto", "text", "json"]), default="auto", show_default=True,
+              help="json: one JSON object a line (severity, message, step, metrics) that Cloud Logging parses; "
+                   "auto: json inside a Vertex AI job, else text.")
+@click.option("--project", envvar="GOOGLE_CLOUD_PROJECT", default=None,
+              help="Project of the storage client for gs:// paths [env GOOGLE_CLOUD_PROJECT].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing version.")
+def train(data: str, out: str | None, name: str, version: int | None, epochs: int | None, seed: int,
+          threads: int | None, log_format: str, project: str | None, overwrite: bool) -> None:
+    """Train the CNN on DATA and export SavedModel + OpenVINO IRs + manifest, locally or to a bucket."""
+    import functools
+    import tempfile
+
+    from modelkit import cloud_paths
+
+    json_logs = log_format == "json" or (log_format == "auto" and cloud_paths.on_vertex())
+    if json_logs:
+        _use_json_logs()
+    location = cloud_paths.output_location(out)
+    client = functools.cache(lambda: _storage_client(project))
+    if version is None:
+        version = cloud_paths.next_version(location, name, client)
+    elif location.startswith("gs://") and not overwrite and cloud_paths.published_manifest_exists(
+            location, name, version, client()):
+        raise ModelkitError(f"{location}/{name}/{version} is already published: versions are immutable; pick "
+                            "another --version (or leave it out for the next one)")
+    threads = cloud_paths.available_cores() if threads is None else threads
+    with tempfile.TemporaryDirectory(prefix="modelkit-train-") as scratch:
+        data_dir = cloud_paths.dataset_folder(data, Path(scratch), client)
+        models_root = Path(scratch) / "models" if location.startswith("gs://") else Path(location)
+        version_dir, _ = _train(data_dir, models_root, name, version, epochs, seed, overwrite, threads=threads,
+                                dataset_uri=data if data.startswith("gs://") else "", json_logs=json_logs)
+        if location.startswith("gs://"):
+            from modelkit.publish import publish_version
+
+            published = publish_version(version_dir, location, client(), overwrite=overwrite)
+            click.echo(f"published {published.uri} ({published.files} files + manifest.json, manifest last)")
+            _LOGGER.info("published %s", published.uri, extra={"model_version": version, "uri": published.uri})
+
+
+@cli.command("cloud-train")
+@click.option("--project", envvar="GOOGLE_CLOUD_PROJECT", required=True, help="[env GOOGLE_CLOUD_PROJECT]")
+@click.option("--region", envvar="GOOGLE_CLOUD_REGION", default="us-central1", show_default=True,
+              help="Vertex AI region of the job [env GOOGLE_CLOUD_REGION].")
+@click.option("--image", required=True,
+              help="The training image in Artifact Registry: REGION-docker.pkg.dev/PROJECT/REPOSITORY/train:TAG.")
+@click.option("--service-account", required=True,
+              help="The job's identity (terraform output training_service_account): reads the dataset, publishes.")
+@click.option("--data", "dataset_uri", required=True, help="gs://BUCKET/PREFIX: one sub-folder per class.")
+@click.option("--out", "models_uri", required=True, help="gs://BUCKET/models: the version lands in NAME/VERSION.")
+@click.option("--name", required=True)
+@click.option("--version", type=click.IntRange(min=1), default=None,
+              help="Default: the next version after the highest published (decided in the job).")
+@click.option("--machine-type", default="n1-standard-4", show_default=True,
+              help="Vertex AI machine type; the trainer uses every vCPU it has.")
+@click.option("--replica-count", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable; added to app, job and model.")
+@click.option("--base-output-uri", default=None,
+              help="The job's base_output_directory. Default: gs://<--out's bucket>/vertex-jobs/<display name>.")
+@click.option("--display-name", default=None, help="Default: train-NAME-<UTC time>.")
+@click.option("--timeout-s", type=click.IntRange(min=60), default=7200, show_default=True)
+@click.option("--poll-s", type=click.FloatRange(min=1), default=15, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the CustomJob (the API's JSON) and submit nothing.")
+def cloud_train(project: str, region: str, image: str, service_account: str, dataset_uri: str, models_uri: str,
+                name: str, version: int | None, machine_type: str, replica_count: int, epochs: int | None, seed: int,
+                labels: tuple[str, ...], base_output_uri: str | None, display_name: str | None, timeout_s: int,
+                poll_s: float, dry_run: bool) -> None:
+    """Train in a Vertex AI custom job that publishes gs://.../models/NAME/VERSION (workers with
+    WORKER_MODEL_URI=gs://.../models/NAME switch to it). Follows the job until it ends; exits 1 with
+    the job's error when it fails."""
+    from datetime import datetime, timezone
+
+    from modelkit import cloud_train as vertex
+
+    display_name = display_name or f"train-{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    bucket = models_uri[len("gs://"):].split("/", 1)[0] if models_uri.startswith("gs://") else ""
+    request = vertex.CloudTrainRequest(
+        project=project, region=region, image_uri=image, service_account=service_account, dataset_uri=dataset_uri,
+        models_uri=models_uri.rstrip("/"), name=name, machine_type=machine_type, replica_count=replica_count,
+        version=version, epochs=epochs, seed=seed,
+        base_output_uri=base_output_uri or f"gs://{bucket}/vertex-jobs/{display_name}",
+        display_name=display_name, labels=vertex.parse_labels(labels), timeout_s=timeout_s)
+    job = vertex.custom_job(request)
+    if dry_run:
+        click.echo(vertex.job_json(job))
+        return
+    client = vertex.job_service_client(region)
+    _follow_cloud_job(vertex, request, client, poll_s)
+
+
+def _follow_cloud_job(vertex, request, client, poll_s: float) -> None:
+    """Submit, then show the job's state until it ends (a spinner on a terminal, a line per change else)."""
+    from rich.console import Console
+
+    created = vertex.submit(request, client)
+    click.echo(f"submitted {created.name}")
+    click.echo(f"console   {vertex.console_url(created.name, request.region, request.project)}")
+    console = Console(stderr=True)
+    last = {"state": None}
+    with console.status(f"{created.name}: {created.state.name}") as status:
+        def on_state(state: str, elapsed_s: float) -> None:
+            status.update(f"{request.display_name}: {state} ({elapsed_s:.0f} s)")
+            if state != last["state"] and not console.is_terminal:
+                _LOGGER.info("job %s: %s after %.0f s", created.name, state, elapsed_s)
+            last["state"] = state
+
+        try:
+            finished = vertex.follow(client, created.name, poll_s, on_state)
+        except vertex.CloudTrainError as exc:
+            click.echo(f"FAILED    {exc}", err=True)
+            raise click.exceptions.Exit(1)
+    ran = (f" in {(finished.end_time - finished.start_time).total_seconds():.0f} s"
+           if finished.start_time and finished.end_time else "")
+    click.echo(f"succeeded {created.name}{ran}; the version is under {request.models_uri}/{request.name}/")
+
+
+def _use_json_logs() -> None:
+    """The worker's JSON formatter (worker/logs.py) on modelkit's handler: severity, message and the
+    record's extra fields (step, metrics), which Cloud Logging turns into jsonPayload."""
+    from worker.logs import JsonFormatter
+
+    for handler in _LOGGER.handlers:
+        handler.setFormatter(JsonFormatter())
+
+
+def _storage_client(project: str | None):
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from worker.clients import storage_client
+
+    try:
+        return storage_client(project)
+    except DefaultCredentialsError:
+        raise ModelkitError("no Google credentials for gs:// paths: run `gcloud auth application-default login`, "
+                            "or set STORAGE_EMULATOR_HOST to use the local emulator") from None
 
 
 @cli.command("build-demo")
@@ -441,12 +578,16 @@ def tfserving_standin(model_name: str, model_base_path: Path, model_version: int
 
 
 def _train(
-    data_dir: Path, models_root: Path, name: str, version: int, epochs: int | None, seed: int, overwrite: bool
-) -> None:
+    data_dir: Path, models_root: Path, name: str, version: int, epochs: int | None, seed: int, overwrite: bool,
+    threads: int = 0, dataset_uri: str = "", json_logs: bool = False,
+) -> tuple[Path, dict[str, Any]]:
     from modelkit.dataset import load_labelled_folder
 
     started = time.perf_counter()
     data = load_labelled_folder(data_dir)  # before importing TensorFlow: bad data fails in a second
+    if threads:
+        _LOGGER.info("training %s/%d on %d TensorFlow threads", name, version, threads,
+                     extra={"model_version": version, "threads": threads})
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter off stderr
     from modelkit import train as training
 
@@ -457,10 +598,14 @@ def _train(
         epochs=epochs or training.DEFAULT_EPOCHS,
         seed=seed,
         overwrite=overwrite,
+        threads=threads,
+        dataset_uri=dataset_uri,
+        json_logs=json_logs,
     )
     version_dir, manifest = training.train_and_export(data, settings)
     click.echo(f"model     {version_dir} (built in {time.perf_counter() - started:.1f} s)")
     _echo_forms(version_dir, manifest)
+    return version_dir, manifest
 
 
 def _echo_forms(version_dir: Path, manifest: dict[str, Any]) -> None:

@@ -57,6 +57,9 @@ class TrainSettings:
     epochs: int = DEFAULT_EPOCHS
     seed: int = 0
     overwrite: bool = False
+    threads: int = 0  # TensorFlow intra-op threads; 0: TensorFlow's default (every core it sees)
+    dataset_uri: str = ""  # where the dataset came from when it is not data.root (gs://...)
+    json_logs: bool = False  # one JSON log line per epoch instead of Keras's progress output
 
 
 def build_model(dropout_rate: float = DROPOUT_RATE) -> keras.Model:
@@ -95,6 +98,13 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
         len(train_idx), len(test_idx), len(data.skipped),
     )
 
+    if settings.threads:
+        try:
+            # Before the first op: a container on a 4-core machine type may see the host's cores.
+            tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
+        except RuntimeError:
+            _LOGGER.warning("TensorFlow already started: keeping its %d intra-op threads",
+                            tf.config.threading.get_intra_op_parallelism_threads())
     reproducibility = make_reproducible(settings.seed)
     model = build_model()
     started = time.perf_counter()
@@ -104,9 +114,10 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
         batch_size=BATCH_SIZE,
         epochs=settings.epochs,
         shuffle=True,
-        callbacks=[StopWhenConverged(CONVERGED_LOSS)],
-        # A progress bar on a terminal; one line per epoch in logs and CI.
-        verbose=1 if sys.stdout.isatty() else 2,
+        callbacks=[StopWhenConverged(CONVERGED_LOSS), EpochLog(settings.epochs)],
+        # A progress bar on a terminal; one line per epoch in logs and CI; with JSON logs (Vertex AI,
+        # Cloud Logging) only EpochLog's structured line.
+        verbose=0 if settings.json_logs else 1 if sys.stdout.isatty() else 2,
     )
     train_s = time.perf_counter() - started
     losses = [round(float(v), 4) for v in history.history["loss"]]
@@ -149,6 +160,21 @@ def train_and_export(data: LabelledImages, settings: TrainSettings) -> tuple[Pat
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target, verify_manifest(target)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One log line per epoch with `step` and `metrics` fields: Cloud Logging keeps them as
+    jsonPayload.step and jsonPayload.metrics when the JSON formatter is on (modelkit.cli)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {key: round(float(value), 6) for key, value in (logs or {}).items()}
+        _LOGGER.info("epoch %d/%d: %s", epoch + 1, self.epochs,
+                     ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()),
+                     extra={"step": epoch + 1, "metrics": metrics})
 
 
 class StopWhenConverged(keras.callbacks.Callback):
@@ -218,6 +244,7 @@ def _evaluate_forms(version_dir: Path, images: np.ndarray, labels: np.ndarray) -
         _LOGGER.info(
             "held-out %s: accuracy %.4f, f1 %.4f, max |logit - saved_model| %.2e",
             form, values["accuracy"], values["f1"], values["max_abs_logit_diff_vs_saved_model"],
+            extra={"form": form, "metrics": {key: values[key] for key in ("accuracy", "f1", "n")}},
         )
     return results
 
@@ -293,6 +320,7 @@ def _manifest(
         "metrics": metrics,
         "dataset": {
             "path": str(data.root),
+            "source": settings.dataset_uri or str(data.root),
             "n_train": int(len(train_idx)),
             "n_test": int(len(test_idx)),
             "per_class": {

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -91,14 +92,9 @@ def build_runner(settings: WorkerSettings, io_pool: ThreadPoolExecutor, web_fram
     manifest = model.manifest
     _LOGGER.info("model %s/%s from %s (%s) in %.0f ms", manifest["name"], manifest["version"], model.source,
                  "downloaded and verified" if model.downloaded else "verified", (time.perf_counter() - started) * 1000)
-    tfserving = TFServingOptions(url=settings.tfserving_url, protocol=settings.tfserving_protocol,
-                                 model_name=settings.tfserving_model_name, timeout_s=settings.tfserving_timeout_s)
     started = time.perf_counter()
     try:
-        engine = create_engine(settings.engine, settings.precision, model.path, manifest, tfserving=tfserving,
-                               threads=settings.engine_threads)
-        engine.load()
-        engine.warmup()
+        engine = load_engine(settings, model.path, manifest)
         info = engine.describe()
     except Exception as exc:
         raise StartupError("model load", f"{manifest['name']}/{manifest['version']} with WORKER_ENGINE="
@@ -124,6 +120,34 @@ def build_runner(settings: WorkerSettings, io_pool: ThreadPoolExecutor, web_fram
         web_framework=web_framework,
         max_delivery_attempts=settings.max_delivery_attempts,
     )
+
+
+def load_engine(settings: WorkerSettings, path, manifest: dict, warmup_lock=None):
+    """The engine of one model version, loaded and warmed (under warmup_lock when given: a rollout
+    warms the next version while the current one serves, and the lock keeps them from sharing the
+    cores in one call)."""
+    tfserving = TFServingOptions(url=settings.tfserving_url, protocol=settings.tfserving_protocol,
+                                 model_name=settings.tfserving_model_name, timeout_s=settings.tfserving_timeout_s)
+    engine = create_engine(settings.engine, settings.precision, path, manifest, tfserving=tfserving,
+                           threads=settings.engine_threads)
+    engine.load()
+    with warmup_lock or contextlib.nullcontext():
+        engine.warmup()
+    return engine
+
+
+def start_watcher(settings: WorkerSettings, runner: BatchRunner):
+    """Roll newer versions of WORKER_MODEL_URI into runner every WORKER_MODEL_POLL_S (worker/rollout.py);
+    None when the location is one version or polling is off."""
+    import functools
+
+    from worker.rollout import start_rollout
+
+    storage = functools.cache(lambda: clients.storage_client(settings.project))
+    return start_rollout(
+        runner, location=settings.model_location, poll_s=settings.model_poll_s, cache_dir=settings.model_cache_dir,
+        storage_client=storage,
+        load_engine=lambda path, manifest: load_engine(settings, path, manifest, warmup_lock=runner.engine_lock))
 
 
 def build_puller(settings: WorkerSettings, runner: BatchRunner, subscriber: Any = None) -> PullWorker:
@@ -167,6 +191,7 @@ def run(log_level: str) -> None:
         click.echo(f"worker: cannot start: {exc}", err=True)
         sys.exit(2)
     pull = build_puller(settings, runner, cloud.subscriber)
+    watcher = start_watcher(settings, runner)
     stop_requested = threading.Event()
 
     def request_stop(signum, _frame):
@@ -187,6 +212,8 @@ def run(log_level: str) -> None:
             except Exception as exc:
                 _LOGGER.error("stream error: %s", exc)
             sys.exit(1)
+    if watcher is not None:
+        watcher.stop()
     pull.stop(settings.shutdown_timeout_s)
     io_pool.shutdown(wait=False, cancel_futures=True)
     _LOGGER.info("processed %d jobs", pull.processed)

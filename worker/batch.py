@@ -129,6 +129,36 @@ def ms_between(start: dt.datetime | None, end: dt.datetime | None) -> float | No
     return (end - start).total_seconds() * 1000.0
 
 
+class ServedModel:
+    """One loaded and warmed model version as the runner serves it: the engine with the facts every
+    row records. A batch takes the runner's current one at its start and keeps it to its end, so a
+    switch of version (worker/rollout.py) happens between batches and every row names the version
+    that served it."""
+
+    def __init__(self, engine: Engine, manifest: dict, source: str = ""):
+        self.engine = engine
+        self.info = engine.describe()
+        self.manifest = manifest
+        self.name = str(manifest["name"])
+        self.version = str(manifest["version"])
+        self.spec = spec_from_manifest(manifest)
+        self.source = source  # where it came from (a local path or gs:// URI), for the logs
+        self.cold = True  # until its first batch
+        self.in_flight = 0  # batches holding it (runner's lock)
+        self.retired = False  # replaced: freed once in_flight is 0
+
+    def free(self) -> None:
+        """Drop the engine (and close it when it can be closed): the runtime releases the model's
+        memory once nothing refers to it any more."""
+        close = getattr(self.engine, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                _LOGGER.exception("closing the engine of %s/%s failed", self.name, self.version)
+        self.engine = None
+
+
 class BatchRunner:
     def __init__(
         self,
@@ -147,22 +177,20 @@ class BatchRunner:
         recent_keys: RecentKeys | None = None,
         observers: list[Callable[[BatchReport], None]] | None = None,
     ):
-        self._engine = engine
-        self._info = engine.describe()
-        self._model_name = str(manifest["name"])
-        self._model_version = str(manifest["version"])
+        self._model = ServedModel(engine, manifest)
+        self._next: ServedModel | None = None  # offered by the rollout watcher, taken at the next batch
+        self._model_lock = threading.Lock()
+        self._swap_listeners: list[Callable[[ServedModel, ServedModel], None]] = []
         self._fetcher = fetcher
         self._sink = sink
         self._tables = tables
         self._limits = limits
-        self._spec = spec_from_manifest(manifest)
         self._machine_row = machine_row
         self._sample_system = sample_system
         self._pool = io_pool
         self._web_framework = web_framework
         self._max_delivery_attempts = max_delivery_attempts
         self._recent = recent_keys if recent_keys is not None else RecentKeys()
-        self._cold = True
         self._observers = list(observers or [])
         # In-process engines already spread one call over every core; two calls at once only
         # fight over them and inflate each other's timings. A remote engine may overlap calls.
@@ -173,56 +201,116 @@ class BatchRunner:
 
     @property
     def engine_info(self):
-        return self._info
+        return self._model.info
 
     @property
     def engine(self) -> Engine:
-        """The runner's engine, its calls taking turns with the batches' (see _engine_lock)."""
-        return _TakingTurns(self._engine, self._engine_lock) if self._engine_lock else self._engine
+        """The current model's engine, its calls taking turns with the batches' (see _engine_lock)."""
+        engine = self._model.engine
+        return _TakingTurns(engine, self._engine_lock) if self._engine_lock else engine
 
     @property
     def spec(self) -> ModelSpec:
-        return self._spec
+        return self._model.spec
 
     @property
     def model_name(self) -> str:
-        return self._model_name
+        return self._model.name
 
     @property
     def model_version(self) -> str:
-        return self._model_version
+        return self._model.version
+
+    @property
+    def engine_lock(self) -> threading.Lock | None:
+        """Held around every engine call; a rollout warms the next model under it too."""
+        return self._engine_lock
+
+    def add_swap_listener(self, listener: Callable[[ServedModel, ServedModel], None]) -> None:
+        """Called with (old, new) right after the runner switched versions (HTTP /classify follows)."""
+        self._swap_listeners.append(listener)
+
+    def offer(self, model: ServedModel) -> None:
+        """Serve `model` from the next batch on (a loaded, warmed version). Batches already running
+        finish on the version they started with; the old version is freed after the last of them."""
+        with self._model_lock:
+            dropped, self._next = self._next, model
+        if dropped is not None:  # offered but never served: a newer one came first
+            dropped.free()
+
+    def _acquire(self) -> ServedModel:
+        with self._model_lock:
+            swapped, freed_now = None, False
+            if self._next is not None:
+                swapped = (self._model, self._next)
+                self._model, self._next = self._next, None
+                swapped[0].retired = True
+                freed_now = swapped[0].in_flight == 0
+                if freed_now:
+                    swapped[0].free()
+            model = self._model
+            model.in_flight += 1
+        if swapped:
+            old, new = swapped
+            _LOGGER.info("model switched from %s/%s to %s/%s (%s) between batches", old.name, old.version,
+                         new.name, new.version, new.source or "offered",
+                         extra={"model_version": new.version, "previous_version": old.version})
+            if freed_now:
+                _LOGGER.info("model %s/%s freed (no batch held it)", old.name, old.version)
+            for listener in self._swap_listeners:
+                try:
+                    listener(old, new)
+                except Exception:
+                    _LOGGER.exception("swap listener %r failed", listener)
+        return model
+
+    def _release(self, model: ServedModel) -> None:
+        with self._model_lock:
+            model.in_flight -= 1
+            free = model.retired and model.in_flight == 0 and model.engine is not None
+        if free:
+            model.free()
+            _LOGGER.info("model %s/%s freed (its last batch is done)", model.name, model.version)
 
     def run(self, deliveries: list[Delivery]) -> BatchReport:
+        model = self._acquire()
+        try:
+            return self._run(deliveries, model)
+        finally:
+            self._release(model)
+
+    def _run(self, deliveries: list[Delivery], model: ServedModel) -> BatchReport:
         batch_started = time.monotonic()
         report = BatchReport(batch_id=uuid.uuid4().hex)
         # Sampled per batch (psutil takes a millisecond or two): here it counts as batch wait, so
         # nothing unmeasured sits between the engine call and the insert.
         system = self._sample_system()
         items = self._unique_items(deliveries, report)
-        list(self._pool.map(self._fetch_and_decode, [item for item in items if item.job and not item.error]))
+        list(self._pool.map(lambda item: self._fetch_and_decode(item, model.spec),
+                            [item for item in items if item.job and not item.error]))
         fetched = time.monotonic()
 
         ready = [item for item in items if item.pixels is not None]
-        logits, batch_ms, infer_started = self._infer(ready)
+        logits, batch_ms, infer_started = self._infer(ready, model.engine)
         if logits is None:
             ready = []
 
         processed_at = dt.datetime.now(dt.timezone.utc)
         timing = _BatchTiming(batch_started, fetched, infer_started, batch_ms)
-        decided = predictions(logits, self._spec.output) if ready else []
+        decided = predictions(logits, model.spec.output) if ready else []
         result_rows = [
-            self._result_row(item, prediction, len(ready), timing, processed_at, system, report.batch_id)
+            self._result_row(item, prediction, len(ready), timing, processed_at, system, report.batch_id, model)
             for item, prediction in zip(ready, decided)
         ]
         if ready:
-            self._cold = False
+            model.cold = False
         report.images, report.inference_ms = len(ready), batch_ms
         sink_started = time.perf_counter()
         self._settle(self._tables.results, ready, result_rows, report, is_error=False)
         report.sink_ms = (time.perf_counter() - sink_started) * 1000.0 if result_rows else 0.0
         self._give_up_on_last_attempt(items)
         error_items = [item for item in items if item.error]
-        self._settle(self._tables.errors, error_items, [self._error_row(i, processed_at) for i in error_items],
+        self._settle(self._tables.errors, error_items, [self._error_row(i, processed_at, model) for i in error_items],
                      report, is_error=True)
         for item in items:
             if item.transient:
@@ -301,7 +389,7 @@ class BatchRunner:
                 items.append(item)
         return items
 
-    def _infer(self, ready: list[_Item]) -> tuple[np.ndarray | None, float, float]:
+    def _infer(self, ready: list[_Item], engine: Engine) -> tuple[np.ndarray | None, float, float]:
         """Logits, the engine call's wall time in ms, and when it started (time.monotonic)."""
         if not ready:
             return np.empty(0, dtype=np.float32), 0.0, time.monotonic()
@@ -310,7 +398,7 @@ class BatchRunner:
             started_monotonic = time.monotonic()
             started = time.perf_counter()
             try:
-                logits = self._engine.infer(batch)
+                logits = engine.infer(batch)
             except Exception as exc:  # an engine fault is ours, not the image's: retry
                 _LOGGER.exception("inference failed for a batch of %d", len(ready))
                 for item in ready:
@@ -349,7 +437,7 @@ class BatchRunner:
             else:
                 report.results += 1
 
-    def _fetch_and_decode(self, item: _Item) -> None:
+    def _fetch_and_decode(self, item: _Item, spec: ModelSpec) -> None:
         job = item.job
         try:
             if job.size is not None and job.size > self._limits.max_bytes:
@@ -363,7 +451,7 @@ class BatchRunner:
             downloaded = time.perf_counter()
             item.download_ms = (downloaded - started) * 1000.0
             try:
-                item.pixels = preprocess_image(data, self._spec, self._limits)
+                item.pixels = preprocess_image(data, spec, self._limits)
             except ImageRejected as exc:
                 raise PermanentError(exc.reason, str(exc))
             item.preprocess_ms = (time.perf_counter() - downloaded) * 1000.0
@@ -373,10 +461,10 @@ class BatchRunner:
             item.transient = f"download of gs://{job.bucket}/{job.name} failed: {exc!r}"
 
     def _result_row(self, item: _Item, prediction: Prediction, batch_size: int, timing: "_BatchTiming",
-                    processed_at: dt.datetime, system: dict, batch_id: str) -> dict:
+                    processed_at: dt.datetime, system: dict, batch_id: str, model: ServedModel) -> dict:
         job, delivery = item.job, item.delivery
         batch_ms = timing.inference_ms
-        info = self._info
+        info = model.info
         return {
             "event_key": job.event_key,
             "run_id": job.run_id,
@@ -392,10 +480,10 @@ class BatchRunner:
             "top_k": [{"label": label, "score": score, "class_index": index}
                       for label, score, index in prediction.top_k],
             "logit": prediction.raw,
-            "threshold": self._spec.output.threshold if self._spec.output.width == 1 else None,
-            "input_spec": self._spec.summary(),
-            "model_name": self._model_name,
-            "model_version": self._model_version,
+            "threshold": model.spec.output.threshold if model.spec.output.width == 1 else None,
+            "input_spec": model.spec.summary(),
+            "model_name": model.name,
+            "model_version": model.version,
             "model_form": info.model_form,
             "engine": info.name,
             "engine_version": info.version,
@@ -415,7 +503,7 @@ class BatchRunner:
             "total_ms": (timing.inference_done - delivery.received_monotonic) * 1000.0,
             "batch_id": batch_id,
             "end_to_end_ms": ms_between(job.time_created, processed_at),
-            "cold": self._cold,
+            "cold": model.cold,
             **self._machine_row,
             "web_framework": delivery.web_framework or self._web_framework,
             **system,
@@ -425,7 +513,7 @@ class BatchRunner:
             "processed_at": processed_at.isoformat(),
         }
 
-    def _error_row(self, item: _Item, failed_at: dt.datetime) -> dict:
+    def _error_row(self, item: _Item, failed_at: dt.datetime, model: ServedModel) -> dict:
         job = item.job
         if job is not None:
             identity = {"event_key": job.event_key, "run_id": job.run_id, "bucket": job.bucket,
@@ -446,7 +534,7 @@ class BatchRunner:
             "reason": item.error.reason,
             "message": str(item.error),
             "attempt": item.delivery.delivery_attempt,
-            "model_version": self._model_version,
+            "model_version": model.version,
             "worker_host": self._machine_row.get("worker_host"),
             "message_id": item.delivery.message_id,
             "failed_at": failed_at.isoformat(),

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
+    # UTC with its zone: Cloud Logging takes "time" as the entry's timestamp only in RFC 3339.
+    converter = time.gmtime
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}.{int(record.msecs):03d}Z",
             "severity": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

@@ -13,6 +13,8 @@ A published version is downloaded into WORKER_MODEL_CACHE_DIR/<bucket>/<path>/<v
 inside the version itself), every file is checked against the manifest's sha256, and only then is
 the directory renamed into place; the next start reuses it when it still verifies and its manifest
 matches the bucket's. Every version, local or downloaded, is verified before the engine loads it.
+A running worker looks for newer versions of a "latest" location every WORKER_MODEL_POLL_S
+(worker/rollout.py) and switches to one between batches.
 """
 
 from __future__ import annotations
@@ -72,8 +74,7 @@ def _locate_local(path: Path) -> LocatedModel:
     if (path / MANIFEST_NAME).is_file():
         version_dir = path
     elif path.is_dir():
-        versions = sorted((int(p.name) for p in path.iterdir()
-                           if p.is_dir() and is_version_name(p.name) and (p / MANIFEST_NAME).is_file()), reverse=True)
+        versions = local_versions(path)
         if not versions:
             raise ModelLocationError(
                 f"{path} has no manifest.json and no numeric version sub-directory with one: "
@@ -99,8 +100,9 @@ def parse_gcs_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def latest_published_version(client, bucket: str, prefix: str) -> int | None:
-    """Highest N with `<prefix>/N/manifest.json` in the bucket, or None."""
+def published_versions(client, bucket: str, prefix: str) -> list[int]:
+    """Every N with `<prefix>/N/manifest.json` in the bucket, highest first (publishing uploads the
+    manifest last, so a version still uploading is not among them)."""
     pattern = re.compile(rf"^{re.escape(prefix)}/(\d+)/{re.escape(MANIFEST_NAME)}$" if prefix
                          else rf"^(\d+)/{re.escape(MANIFEST_NAME)}$")
     versions = []
@@ -108,7 +110,37 @@ def latest_published_version(client, bucket: str, prefix: str) -> int | None:
         match = pattern.match(blob.name)
         if match and is_version_name(match.group(1)):
             versions.append(int(match.group(1)))
-    return max(versions) if versions else None
+    return sorted(versions, reverse=True)
+
+
+def latest_published_version(client, bucket: str, prefix: str) -> int | None:
+    """Highest N with `<prefix>/N/manifest.json` in the bucket, or None."""
+    versions = published_versions(client, bucket, prefix)
+    return versions[0] if versions else None
+
+
+def local_versions(root: Path) -> list[int]:
+    """Numeric sub-directories of root that hold a manifest, highest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((int(p.name) for p in root.iterdir()
+                   if p.is_dir() and is_version_name(p.name) and (p / MANIFEST_NAME).is_file()), reverse=True)
+
+
+def follows_latest(uri: str) -> bool:
+    """True when uri names a model (its latest version), not one version: gs://B/models/NAME, or a
+    local folder of numeric versions. Only such a location can roll out a newer version."""
+    uri = str(uri).strip().rstrip("/")
+    if uri.startswith(GCS_SCHEME):
+        _, prefix = parse_gcs_uri(uri)
+        return not is_version_name(prefix.rsplit("/", 1)[-1])
+    return not (Path(uri) / MANIFEST_NAME).is_file()
+
+
+def version_uri(root_uri: str, version: int) -> str:
+    """The location of one version under a model's root (gs:// or a local folder)."""
+    return f"{str(root_uri).strip().rstrip('/')}/{version}"
 
 
 def _locate_gcs(uri: str, cache_dir: Path, client) -> LocatedModel:
@@ -207,5 +239,5 @@ def _safe_relative(relative: str, source: str) -> PurePosixPath:
     return path
 
 
-__all__ = ["LocatedModel", "ModelLocationError", "is_version_name", "latest_published_version", "locate_model",
-           "parse_gcs_uri"]
+__all__ = ["LocatedModel", "ModelLocationError", "follows_latest", "is_version_name", "latest_published_version",
+           "local_versions", "locate_model", "parse_gcs_uri", "published_versions", "version_uri"]

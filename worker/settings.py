@@ -49,6 +49,9 @@ class WorkerSettings:
     model_dir: Path | None = None
     model_uri: str = ""
     model_cache_dir: Path = Path(tempfile.gettempdir()) / "worker-model-cache"
+    # With a location that names a model (not one version): look for a newer verified version this
+    # often and switch to it between batches (worker/rollout.py); 0: never, the start's version stays.
+    model_poll_s: float = 60.0
     engine: str = "openvino"
     precision: str = "f32"
     engine_threads: int = 0  # OpenVINO INFERENCE_NUM_THREADS, ONNX Runtime intra-op threads; 0: every core
@@ -133,6 +136,9 @@ class WorkerSettings:
         if self.tfserving_protocol not in TFSERVING_PROTOCOLS:
             raise SettingsError(f"WORKER_TFSERVING_PROTOCOL={self.tfserving_protocol!r} is not one of "
                                 f"{', '.join(TFSERVING_PROTOCOLS)}")
+        if not (self.model_poll_s == 0 or 1 <= self.model_poll_s <= 86400):
+            raise SettingsError(f"WORKER_MODEL_POLL_S={self.model_poll_s:g} must be 0 (never look for a newer model "
+                                "version: the one found at start stays) or between 1 and 86400 seconds")
         if self.model_uri and self.model_dir:
             raise SettingsError("set WORKER_MODEL_URI or WORKER_MODEL_DIR, not both")
         if not self.model_location:

@@ -111,11 +111,9 @@ class InferenceService:
             for observer in self._batch_observers:
                 runner.add_observer(observer)
             options = self.options
-            # One engine call at a time: OpenVINO and TensorFlow use every core for one call, so
-            # concurrent requests wait for the running call and then go together as the next batch.
-            self._classifier = Classifier(
-                runner.engine, runner.spec, options.limits, max_batch=options.batch_size,
-                pipelines=1, on_batch=self._classify_batch_done)
+            self._classifier = self._make_classifier(runner)
+            # A rollout (worker/rollout.py) switches the runner's version between batches; /classify follows.
+            runner.add_swap_listener(lambda _old, _new: self._follow_swap(runner))
             self._push = MicroBatcher(self._run_push, max_batch=options.batch_size, max_wait_s=options.batch_wait_s,
                                       pipelines=options.pipelines, name="push")
             self.runner = runner
@@ -133,6 +131,18 @@ class InferenceService:
             return
         _LOGGER.info("ready: %s/%s on %s", runner.model_name, runner.model_version, runner.engine_info.name)
         self._on_ready()
+
+    def _make_classifier(self, runner: BatchRunner) -> Classifier:
+        # One engine call at a time: OpenVINO and TensorFlow use every core for one call, so
+        # concurrent requests wait for the running call and then go together as the next batch.
+        return Classifier(runner.engine, runner.spec, self.options.limits, max_batch=self.options.batch_size,
+                          pipelines=1, on_batch=self._classify_batch_done)
+
+    def _follow_swap(self, runner: BatchRunner) -> None:
+        """The runner serves a new version: new requests go to it; calls queued on the old one finish."""
+        previous, self._classifier = self._classifier, self._make_classifier(runner)
+        if previous is not None:
+            threading.Thread(target=previous.stop, name="classify-retire", daemon=True).start()
 
     def _watch_pull(self) -> None:
         while not self._stopping.wait(1.0):

@@ -35,10 +35,11 @@ def web_framework(name: str = "flask") -> str:
 
 def load_model(settings: WorkerSettings, web_framework_of_rows: str | None,
                cloud: CloudClients | None = None) -> LoadedModel:
-    from worker.__main__ import build_runner
+    from worker.__main__ import build_runner, start_watcher
 
     io_pool = ThreadPoolExecutor(max_workers=settings.download_threads, thread_name_prefix="io")
     runner = build_runner(settings, io_pool, web_framework=web_framework_of_rows, cloud=cloud)
+    start_watcher(settings, runner)  # a daemon thread: newer versions of WORKER_MODEL_URI, between batches
     return LoadedModel(runner)
 
 
