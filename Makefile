@@ -20,7 +20,7 @@ SCALING_ARGS ?=
 # apt-get as root, else through sudo (make wrk).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install model fer-model demo up down status test test-fast bench bench-preprocess bench-worker wrk loadtest report chromium ci-tools kube-tools scaling-sim lint-infra lock clean
+.PHONY: container-engine base-image wheelhouse images compose-up compose-down help install model fer-model demo up down status test test-fast bench bench-preprocess bench-worker wrk loadtest report chromium ci-tools kube-tools scaling-sim lint-infra lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -113,8 +113,8 @@ down:  ## stop the local stack
 status:  ## which processes of the local stack run
 	$(PY) -m localcloud status
 
-test: model fer-model ci-tools kube-tools chromium wrk  ## run every test (unit, infra lint, and on the real local stack)
-	REQUIRE_CI_TOOLS=1 $(PY) -m pytest $(PYTEST_ARGS)
+test: model fer-model ci-tools kube-tools chromium wrk images  ## run every test (unit, infra lint, on the real local stack, and the container images)
+	REQUIRE_CI_TOOLS=1 REQUIRE_IMAGES=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: model fer-model ci-tools kube-tools chromium wrk  ## skip the tests marked slow
 	REQUIRE_CI_TOOLS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -144,6 +144,56 @@ report: install  ## tables and build/report/index.html from sql/queries/ (REPORT
 chromium:  ## install Debian's chromium when it is missing (the report's browser test renders with it)
 	@command -v chromium >/dev/null || $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y chromium \
 		|| { $(SUDO) apt-get update && $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y chromium; }
+
+# --- Container images (issue 17) ---------------------------------------------------------------
+# Built with podman (or a Docker daemon that answers; CONTAINER_ENGINE=podman|docker chooses), by
+# localcloud/containers.py. podman reads this kernel's settings (runc, cgroupfs, ulimits) from
+# docker/containers.conf. No registry is reachable here, so the bases are Debian root file systems
+# built from Debian's archive (IMAGE_BASE=public builds on the Dockerfiles' digest-pinned defaults),
+# and every wheel comes from a wheelhouse the host downloads: the builds need no network, except
+# apt-get for the Pub/Sub emulator's Java.
+# dnsname: compose services find each other by name on podman's CNI networks.
+ENGINE_PACKAGES := podman buildah runc uidmap slirp4netns fuse-overlayfs containernetworking-plugins golang-github-containernetworking-plugin-dnsname podman-compose mmdebstrap
+DEBIAN_SOURCES := $(wildcard /etc/apt/sources.list.d/*.sources)
+# The apt mirror this machine uses (deb822 URIs lines), else Debian's own.
+DEBIAN_MIRROR ?= $(or $(shell sed -n 's/^URIs: *//p' $(DEBIAN_SOURCES) /dev/null | grep -v security | head -1),http://deb.debian.org/debian)
+DEBIAN_SECURITY_MIRROR ?= $(or $(shell sed -n 's/^URIs: *//p' $(DEBIAN_SOURCES) /dev/null | grep security | head -1),http://deb.debian.org/debian-security)
+# Debian's python3 (3.11 in bookworm, 3.13 in trixie for local-bigquery) stands in for python:*-slim.
+BASE_PACKAGES := python3,python3-venv,python-is-python3,ca-certificates,netbase,tzdata
+export CONTAINERS_CONF := $(CURDIR)/docker/containers.conf
+
+container-engine:  ## podman, buildah, runc, podman-compose and mmdebstrap from Debian when missing
+	@command -v podman >/dev/null && command -v podman-compose >/dev/null && command -v mmdebstrap >/dev/null \
+		&& test -x /usr/lib/cni/dnsname \
+		|| $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends $(ENGINE_PACKAGES) \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends $(ENGINE_PACKAGES); }
+
+build/images/base-%.tar: | container-engine
+	@mkdir -p $(@D)
+	$(SUDO) mmdebstrap --variant=minbase --include=$(BASE_PACKAGES) \
+		--customize-hook='rm -rf "$$1"/var/lib/apt/lists/* "$$1"/var/cache/apt/*' \
+		$* $(@:.tar=.partial.tar) "deb $(DEBIAN_MIRROR) $* main" "deb $(DEBIAN_MIRROR) $*-updates main" \
+		"deb $(DEBIAN_SECURITY_MIRROR) $*-security main"
+	mv $(@:.tar=.partial.tar) $@
+
+base-image: install build/images/base-bookworm.tar build/images/base-trixie.tar  ## Debian bookworm (Python 3.11) and trixie (3.13) base images from Debian's archive
+	$(PY) -m localcloud.containers ensure-base bookworm build/images/base-bookworm.tar
+	$(PY) -m localcloud.containers ensure-base trixie build/images/base-trixie.tar
+
+build/wheelhouse/.stamp: requirements.lock docker/wheelhouse.sh $(wildcard docker/requirements-*.txt) functions/requirements.txt localcloud/bigquery-requirements.txt | $(VENV)/.installed
+	docker/wheelhouse.sh $(PY) build/wheelhouse
+	touch $@
+
+wheelhouse: build/wheelhouse/.stamp  ## the wheels the images install from (pip download on the host, Linux x86_64 cp311/cp313)
+
+images: container-engine base-image wheelhouse model  ## build every image in docker/ (podman; IMAGES="worker-openvino train" for some)
+	$(PY) -m localcloud.containers build $(IMAGES)
+
+compose-up: images  ## the whole local stack in containers (docker/docker-compose.yml, podman-compose; ports COMPOSE_*_PORT)
+	$(PY) -m localcloud.containers compose up
+
+compose-down:  ## stop and remove the compose stack and its volumes
+	$(PY) -m localcloud.containers compose down
 
 lock:  ## re-pin the whole dependency tree from the current venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock

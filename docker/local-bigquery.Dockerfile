@@ -3,17 +3,26 @@
 # same setup as localcloud/services.py uses outside Docker).
 #   docker build -f docker/local-bigquery.Dockerfile -t local-bigquery .
 
-FROM python:3.13.9-slim-bookworm@sha256:b685a4fa58bb19d1814d78a1ec0f0208f351452724f78b20212c984d6e124a34 AS deps
+# The base: the public image, pinned by tag and by the digest of its multi-architecture index.
+# Where no registry is reachable, `make images` passes --build-arg BASE_IMAGE=inference-base:trixie,
+# Debian trixie with its Python 3.13 built from Debian's archive (make base-image; bookworm has no 3.13).
+ARG BASE_IMAGE=python:3.13.9-slim-bookworm@sha256:b685a4fa58bb19d1814d78a1ec0f0208f351452724f78b20212c984d6e124a34
+# checkov:skip=CKV_DOCKER_7:the base is the BASE_IMAGE argument, its default pinned by tag and digest (tests/test_docker.py)
+
+FROM ${BASE_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /build
 COPY localcloud/bigquery-requirements.txt ./
 # --no-deps: the file pins the whole tree (local-bigquery declares a DuckDB it does not need).
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --no-deps -r bigquery-requirements.txt
+# Wheels only from the wheelhouse the host prepared (make wheelhouse), mounted for this step alone:
+# the build needs no network and the wheels never land in a layer.
+RUN --mount=type=bind,source=build/wheelhouse/cp313,target=/wheels \
+    python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels --no-deps -r bigquery-requirements.txt
 
-FROM python:3.13.9-slim-bookworm@sha256:b685a4fa58bb19d1814d78a1ec0f0208f351452724f78b20212c984d6e124a34 AS runtime
+FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="local-bigquery" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 bigquery \

@@ -4,17 +4,26 @@
 #   docker run --rm -v "$PWD/build:/work" train
 # writes /work/models/demo/1, the directory the worker images bake in.
 
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS deps
+# The base: the public image, pinned by tag and by the digest of its multi-architecture index.
+# Where no registry is reachable, `make images` passes --build-arg BASE_IMAGE=inference-base:bookworm,
+# the same Debian bookworm with Python 3.11 built from Debian's archive (make base-image).
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+# checkov:skip=CKV_DOCKER_7:the base is the BASE_IMAGE argument, its default pinned by tag and digest (tests/test_docker.py)
+
+FROM ${BASE_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /build
 COPY requirements.lock docker/requirements-worker.txt docker/requirements-train.txt ./
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -r requirements-train.txt -c requirements.lock \
-    && /opt/venv/bin/pip install --no-cache-dir --no-deps tensorflow-serving-api==2.21.0
+# Wheels only from the wheelhouse the host prepared (make wheelhouse), mounted for this step alone:
+# the build needs no network and the wheels never land in a layer.
+RUN --mount=type=bind,source=build/wheelhouse/cp311,target=/wheels \
+    python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels -r requirements-train.txt -c requirements.lock \
+    && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels --no-deps tensorflow-serving-api==2.21.0
 
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
+FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="inference-train" \
       org.opencontainers.image.description="Train, export and convert the image classifier (python -m modelkit)" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -4,19 +4,36 @@
 # Build from the repository root after `make model` (the demo model is baked in):
 #   docker build -f docker/worker-openvino.Dockerfile -t worker-openvino .
 # Run: every setting is a WORKER_* variable (worker/settings.py); WORKER_MODEL_DIR points at the
-# baked model, WORKER_WEB_FRAMEWORK chooses the HTTP face's framework (flask or fastapi). Base image
-# pinned by tag and by the digest of its multi-architecture index.
+# baked model, WORKER_WEB_FRAMEWORK chooses the HTTP face's framework (flask or fastapi).
 
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS deps
+# The base: the public image, pinned by tag and by the digest of its multi-architecture index.
+# Where no registry is reachable, `make images` passes --build-arg BASE_IMAGE=inference-base:bookworm,
+# the same Debian bookworm with Python 3.11 built from Debian's archive (make base-image).
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+# checkov:skip=CKV_DOCKER_7:the base is the BASE_IMAGE argument, its default pinned by tag and digest (tests/test_docker.py)
+
+FROM ${BASE_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /build
 COPY requirements.lock docker/requirements-worker.txt ./
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -r requirements-worker.txt -c requirements.lock
+# Wheels only from the wheelhouse the host prepared (make wheelhouse), mounted for this step alone:
+# the build needs no network and the wheels never land in a layer.
+RUN --mount=type=bind,source=build/wheelhouse/cp311,target=/wheels \
+    python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels \
+        -r requirements-worker.txt -c requirements.lock
+# The worker runs OpenVINO IR models on the CPU: the GPU and NPU plugins and the frontends for
+# TensorFlow, TFLite, PaddlePaddle, PyTorch, JAX and GGUF models (and the C++ headers) are never
+# loaded; about 70 MB of the wheel. tests/test_images.py classifies with the image.
+WORKDIR /opt/venv/lib/python3.11/site-packages/openvino
+RUN rm -rf include libs/libopenvino_intel_gpu_plugin.so libs/libopenvino_intel_npu_plugin.so \
+        libs/libopenvino_tensorflow_frontend.so.* libs/libopenvino_tensorflow_lite_frontend.so.* \
+        libs/libopenvino_paddle_frontend.so.* libs/libopenvino_pytorch_frontend.so.* \
+        libs/libopenvino_jax_frontend.so.* libs/libopenvino_gguf_frontend.so.*
 
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
+FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="inference-worker-openvino" \
       org.opencontainers.image.description="Pub/Sub -> OpenVINO -> BigQuery image-inference worker" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -39,11 +56,11 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     WORKER_MODEL_DIR=/models/demo/1 \
     WORKER_WEB_FRAMEWORK=flask
 USER 10001:10001
-# GET /healthz on 8080: liveness (the instance group's autohealing uses it too); compose waits on
+# GET /healthz on 8080 (or WORKER_HTTP_PORT): liveness (the instance group's autohealing uses it too); compose waits on
 # /readyz (model warm, pull stream up, BigQuery reachable).
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('WORKER_HTTP_PORT', '8080'), timeout=4)"]
 ENTRYPOINT ["python", "-m", "worker"]
 # The HTTP face on 8080, pulling in the same process (WORKER_PULL=false: push only): Flask under
 # gunicorn, or FastAPI under uvicorn with `-e WORKER_WEB_FRAMEWORK=fastapi` (worker/http/).

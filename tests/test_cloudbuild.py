@@ -278,3 +278,44 @@ def test_deploy_steps_match_terraform():
     assert "wait-until" in script and "--version-target-reached" in script
     for written in re.findall(r"> (/workspace/[\w.]+)", steps["terraform-apply"]["args"][-1]):
         assert written in script, f"{written} is written but never read"
+
+
+def dockerfile_arg_defaults(path) -> dict[str, str]:
+    """ARG NAME=default lines before the first FROM: the build arguments a Dockerfile's bases take."""
+    head = path.read_text().split("\nFROM ", 1)[0]
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", head, re.M))
+
+
+def test_cloud_build_builds_what_make_images_builds_with_the_same_build_arguments():
+    from localcloud import containers
+
+    substitutions = config()["substitutions"]
+    built = {}
+    for step in config()["steps"]:
+        args = step.get("args", [])
+        if args[:1] != ["build"]:
+            continue
+        options = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
+        name = options["--tag"].split("/")[-1].split(":")[0]
+        build_args = dict(a.split("=", 1)[1].split("=", 1) for a in args if a.startswith("--build-arg="))
+        built[name] = (options["--file"], build_args)
+        # The Dockerfiles mount the wheelhouse (RUN --mount): BuildKit, after the wheelhouse step.
+        assert "DOCKER_BUILDKIT=1" in step.get("env", []), step["id"]
+        assert "wheelhouse" in step["waitFor"], step["id"]
+    cloud = {name: spec for name, spec in containers.IMAGES.items() if spec.in_cloud_build}
+    assert set(built) == set(cloud)
+    for name, (dockerfile, build_args) in built.items():
+        spec = cloud[name]
+        assert dockerfile == spec.dockerfile
+        # The same build arguments as `make images` (localcloud/containers.py) passes, each one
+        # declared by the Dockerfile, with the Dockerfile's own default as Cloud Build's value.
+        assert set(build_args) == set(containers.build_args(spec)), name
+        defaults = dockerfile_arg_defaults(REPO / dockerfile)
+        assert set(build_args) == set(defaults), f"{dockerfile} declares {set(defaults)}"
+        for arg, value in build_args.items():
+            substitution = re.fullmatch(r"\$\{(_\w+)\}", value)
+            resolved = substitutions[substitution.group(1)] if substitution else value
+            assert resolved == defaults[arg], f"{name}: Cloud Build's {arg} {resolved} != {dockerfile}'s {defaults[arg]}"
+    wheelhouse = next(step for step in config()["steps"] if step["id"] == "wheelhouse")
+    assert wheelhouse["args"][0] == "docker/wheelhouse.sh"
+    assert "docker/wheelhouse.sh" in (REPO / "Makefile").read_text(), "make wheelhouse runs the same script"
