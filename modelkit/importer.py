@@ -333,11 +333,14 @@ class SavedModelSource:
         return forms["saved_model"]
 
 
+ONNX_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd",
+                           "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"})
+
+
 class OnnxSource:
     """An ONNX file: read with the onnx package, run with ONNX Runtime (CPU), kept as the onnx form."""
 
     format = "onnx"
-    quantized: str | None = None  # float weights: forms are judged by their own tolerances
 
     def __init__(self, path: Path):
         import onnx
@@ -351,6 +354,10 @@ class OnnxSource:
         except Exception as exc:
             raise ImportRefused(f"onnx {onnx.__version__} cannot read {path}: {type(exc).__name__}: "
                                 f"{str(exc)[:300]}") from None
+        # A quantized graph (QDQ pairs or integer ops, e.g. onnxruntime's quantize_static) is itself an
+        # int8 computation: its forms are judged by the int8 tolerance, as a TFLite file with int8 weights.
+        int8_ops = sorted({node.op_type for node in self.model.graph.node if node.op_type in ONNX_INT8_OPS})
+        self.quantized = f"int8 operators ({', '.join(int8_ops)})" if int8_ops else None
         self.runtime = "onnxruntime (CPUExecutionProvider)"
         self._session = None
 

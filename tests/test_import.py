@@ -823,3 +823,27 @@ def test_a_source_that_cannot_run_on_the_declared_layout_is_refused_in_one_line(
 
     assert "cannot run" in line and "16x16x3 NHWC rgb" in line and "--layout" in line, line
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").rglob("manifest.json"))
+
+
+def test_a_quantized_onnx_graph_is_judged_as_an_int8_computation(tmp_path):
+    """QDQ pairs (onnxruntime's quantize_static writes them) make the source an int8 computation, so
+    its forms get the int8 tolerance; a float graph keeps the per-form tolerances."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from modelkit.importer import OnnxSource
+
+    build_onnx(tmp_path / "float.onnx")
+    assert OnnxSource(tmp_path / "float.onnx").quantized is None
+
+    model = onnx.load(str(tmp_path / "float.onnx"))
+    graph = model.graph
+    graph.initializer.extend([numpy_helper.from_array(np.array(0.02, dtype=np.float32), "s"),
+                              numpy_helper.from_array(np.array(0, dtype=np.int8), "z")])
+    conv = next(node for node in graph.node if node.op_type == "Conv")
+    conv.input[0] = "input_dq"
+    graph.node.insert(0, helper.make_node("DequantizeLinear", ["input_q", "s", "z"], ["input_dq"]))
+    graph.node.insert(0, helper.make_node("QuantizeLinear", ["input", "s", "z"], ["input_q"]))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(tmp_path / "qdq.onnx"))
+    assert OnnxSource(tmp_path / "qdq.onnx").quantized == "int8 operators (DequantizeLinear, QuantizeLinear)"
