@@ -13,6 +13,8 @@ PYTEST_ARGS ?=
 # The demo model's training seed: `make test MODEL_SEED=3` trains (and tests) another build.
 MODEL_SEED ?= 0
 BENCH_ARGS ?= --images 2000
+# make bench-models: a subset, e.g. BENCH_MODELS_ARGS="--models mobilenetv2 --engines openvino:int8 --batch-sizes 8 --repeats 2"
+BENCH_MODELS_ARGS ?=
 REPORT_ARGS ?=
 LOADTEST_ARGS ?=
 # make scaling-sim: e.g. SCALING_ARGS="--rate-per-vm 220 --startup 120 --metric-delay 240"
@@ -20,7 +22,7 @@ SCALING_ARGS ?=
 # apt-get as root, else through sudo (make wrk).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: container-engine base-image wheelhouse images compose-up compose-down help install model fer-model demo up down status test test-fast bench bench-preprocess bench-worker wrk loadtest report chromium ci-tools kube-tools scaling-sim lint-infra lock clean
+.PHONY: container-engine base-image wheelhouse images compose-up compose-down help install model fer-model demo up down status test test-fast bench bench-preprocess bench-worker bench-models zoo wrk loadtest report chromium ci-tools kube-tools scaling-sim lint-infra lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -135,11 +137,17 @@ wrk:  ## install wrk, the load tool of make loadtest, when it is missing (Debian
 loadtest: model wrk  ## POST /classify under load with wrk: engines x web frameworks x connections (LOADTEST_ARGS="--duration 20 --engines openvino")
 	$(PY) -m localcloud.loadtest $(LOADTEST_ARGS)
 
+zoo: model  ## the seeds' networks (keras.applications, no download), trained briefly or fidelity only, imported into build/zoo
+	$(PY) -m modelkit zoo
+
+bench-models: model  ## bare engines x precisions x batch sizes on the zoo's networks, JSON in build/bench-models (BENCH_MODELS_ARGS)
+	$(PY) -m localcloud.bench_models $(BENCH_MODELS_ARGS)
+
 scaling-sim: install  ## SIMULATION of the instance group autoscaler on four workloads, from infra/ defaults
 	$(PY) -m localcloud.autoscale_sim $(SCALING_ARGS)
 
 report: install  ## tables and build/report/index.html from sql/queries/ (REPORT_ARGS="--run-prefix bench-")
-	$(PY) -m report $(REPORT_ARGS)
+	REPORT_BENCH_MODELS=$${REPORT_BENCH_MODELS-build/bench-models/latest.json} $(PY) -m report $(REPORT_ARGS)
 
 chromium:  ## install Debian's chromium when it is missing (the report's browser test renders with it)
 	@command -v chromium >/dev/null || $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y chromium \

@@ -539,6 +539,26 @@ def _read_spec_file(path: Path) -> Any:
         raise ModelkitError(f"cannot read {path} as YAML: {' '.join(str(exc).split())}") from None
 
 
+@cli.command("zoo")
+@click.option("--networks", default=None, help="Comma-separated (default: the seeds' six; also resnet152, tiny).")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("build/zoo"), show_default=True)
+@click.option("--dataset-dir", type=click.Path(path_type=Path), default=Path("build/demo-dataset"), show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even when a cached build matches.")
+def zoo(networks: str | None, root: Path, dataset_dir: Path, seed: int, force: bool) -> None:
+    """The seeds' networks from keras.applications (no weights downloaded), trained briefly or
+    random (fidelity only), each imported with `modelkit import` (modelkit.zoo)."""
+    from modelkit import zoo as zoo_module
+
+    names = networks.split(",") if networks else list(zoo_module.DEFAULT_NETWORKS)
+    for name in names:
+        record = zoo_module.build_network(name, root, dataset_dir, seed, force, log=click.echo)
+        training = record.get("training")
+        done = (f"trained {training['images']} images x {training['epochs']} in {training['train_s']} s"
+                if training else f"not trained ({record.get('not_trained_why')})")
+        click.echo(f"{name:<15} {done}; held-out accuracy (Keras) {record['keras_held_out_accuracy']:.3f}")
+
+
 @cli.command("tfserving-standin")
 @click.option("--model-name", required=True)
 @click.option("--model-base-path", type=click.Path(path_type=Path, file_okay=False), required=True,

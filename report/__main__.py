@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from localcloud.config import REPO_ROOT, StackConfig
+from report import models as report_models
 from report.build import collect, terminal_tables, write_html
 from report.queries import ReportError, Selection
 from report.target import bigquery_warehouse, local_warehouse
@@ -45,7 +46,11 @@ def default_run_dir(run_dir: Path, say) -> Path:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="the local stack's run directory (default .run; `make bench` keeps its data in .run/bench)")
 @click.option("--quiet", is_flag=True, help="no terminal tables")
-def main(run_id, run_prefix, project, dataset, out, bucket_s, screenshot, run_dir, quiet) -> None:
+@click.option("--bench-models", "bench_models", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="REPORT_BENCH_MODELS", default=None,
+              help="make bench-models' JSON: per-network tables and the speed-up/fidelity plot (left out if the "
+                   "file is missing; `make report` passes build/bench-models/latest.json)")
+def main(run_id, run_prefix, project, dataset, out, bucket_s, screenshot, run_dir, quiet, bench_models) -> None:
     """Query the results for a selection of runs and write an HTML report with plots."""
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
     selection = Selection(run_id, run_prefix)
@@ -60,6 +65,8 @@ def main(run_id, run_prefix, project, dataset, out, bucket_s, screenshot, run_di
             with console.status("running queries") as status:
                 data = collect(warehouse, selection, bucket_s,
                                on_query=lambda index, total, name: status.update(f"query {index}/{total}: {name}"))
+        data.bench_models = report_models.load(bench_models)
+        data.bench_models_source = str(bench_models) if data.bench_models else ""
         if not quiet:
             for table in terminal_tables(data):
                 console.print(table)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from report import plots
+from report import models, plots
 from report.queries import Query, ReportError, Selection, UnfilteredQuery, Warehouse, load_query, query_names
 
 # Tables of the report, in order: (query, title). Every query file is either here or in PLOT_ONLY.
@@ -26,6 +26,7 @@ TABLES = (
     ("throughput_over_time", "Throughput over time"),
     ("errors_by_reason", "Errors by reason"),
     ("run_summary", "Per label"),
+    ("by_model", "By model (network), engine, precision and CPU flags"),
 )
 PLOT_ONLY = ("latency_distribution",)
 COLLAPSED = ("throughput_over_time",)  # long tables: folded in the HTML, left out on the terminal
@@ -51,6 +52,7 @@ SEED = (
 )
 # Columns shown left-aligned (names, not numbers).
 TEXT_COLUMNS = frozenset({"engine", "precision", "environment", "web_framework", "cpu_models", "run_id", "engines",
+                          "model_name", "cpu_flags", "runs_as",
                           "label", "reason"})
 
 SEED_NOTE = ("The seed timed TensorFlow through TF Serving's REST API (JSON and an HTTP hop included) and "
@@ -73,6 +75,8 @@ class ReportData:
     bucket_s: int
     results: dict[str, QueryResult]
     generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    bench_models: dict | None = None  # `make bench-models` JSON (bare engines per network), when there is one
+    bench_models_source: str = ""
 
     def rows(self, name: str) -> list[dict]:
         return self.results[name].rows if name in self.results else []
@@ -202,6 +206,11 @@ def build_plots(data: ReportData) -> list[dict]:
          "throughput_over_time",
          lambda: plots.throughput_over_time(data.rows("throughput_over_time"), data.bucket_s)),
     )
+    if data.bench_models:
+        specs += (("Speed-up against fidelity, per network, engine and precision",
+                   f"From {data.bench_models_source} (make bench-models, bare engines): speed-up over TensorFlow f32 "
+                   "on the same inputs in the same run against top-1 disagreement with it on held-out demo images.",
+                   None, lambda: models.speedup_against_fidelity(data.bench_models)),)
     built = []
     for title, caption, name, draw in specs:
         error = data.errors_by_query.get(name)
@@ -230,6 +239,7 @@ def render_html(data: ReportData) -> str:
                        "cells": cells, "collapsed": name in COLLAPSED,
                        "error": result.error,
                        "message": result.skipped or (None if cells or result.error else data.empty_message())})
+    tables += models.tables(data.bench_models, data.bench_models_source, format_value)
     seed = [{**row, "here": [(label, format_value(value)) for label, value in row["here"]]}
             for row in seed_comparison(data)]
     return environment.get_template("report.html.j2").render(
@@ -271,6 +281,13 @@ def terminal_tables(data: ReportData) -> list:
                 table.add_column(column, justify="left" if column in TEXT_COLUMNS else "right")
             for row in cells:
                 table.add_row(*row)
+        tables.append(table)
+    for built in models.tables(data.bench_models, data.bench_models_source, format_value):
+        table = Table(title=f"{built['title']} ({built['source']})", title_justify="left")
+        for column in built["columns"]:
+            table.add_column(column, justify="left" if column in ("engine", "precision", "runs_as") else "right")
+        for row in built["cells"]:
+            table.add_row(*row)
         tables.append(table)
     return tables
 

@@ -172,6 +172,20 @@ def check_latency_percentiles(got, case):
         assert row["max_total_ms"] == pytest.approx(max(r["total_ms"] for r in group))
 
 
+@check("by_model")
+def check_by_model(got, case):
+    keys = ("model_name", "engine", "precision", lambda r: r.get("cpu_flags"))
+    groups = grouped(case.rows, *keys)
+    assert [(r["model_name"], r["engine"], r["precision"], r["cpu_flags"]) for r in got] == list(groups)
+    for row, group in zip(got, groups.values()):
+        assert row["images"] == len(group)
+        for column in ("batch_size", "inference_ms", "total_ms"):
+            assert same(row[f"mean_{column}"], mean(group, column))
+        for percent in (50, 95):
+            assert_percentile(row[f"p{percent}_inference_ms"], [r["inference_ms"] for r in group], percent)
+        assert row["images_per_s"] is None or row["images_per_s"] > 0
+
+
 @check("latency_distribution")
 def check_latency_distribution(got, case):
     groups = grouped(case.rows, "engine", "precision")

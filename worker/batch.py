@@ -339,6 +339,7 @@ class BatchRunner:
             "run_id": first["run_id"],
             "worker_host": first["worker_host"],
             "worker_pid": first.get("worker_pid"),
+            "cpu_flags": first.get("cpu_flags"),
             "engine": first["engine"],
             "precision": first["precision"],
             "model_version": first["model_version"],

@@ -16,6 +16,8 @@ class MachineFacts:
     worker_host: str
     worker_pid: int
     cpu_model: str
+    # Comma-joined ISA flags (avx2,avx512f,...): INT8/bf16 speed and results' last bits depend on them.
+    cpu_flags: str
     physical_cores: int | None
     logical_cores: int | None
     memory_total_bytes: int
@@ -33,6 +35,7 @@ def machine_facts() -> MachineFacts:
         worker_host=socket.gethostname(),
         worker_pid=os.getpid(),
         cpu_model=_cpu_model(),
+        cpu_flags=",".join(cpu_isa_flags()),
         physical_cores=psutil.cpu_count(logical=False),
         logical_cores=psutil.cpu_count(logical=True),
         memory_total_bytes=psutil.virtual_memory().total,
