@@ -39,14 +39,11 @@ from rich.console import Console
 from rich.table import Table
 
 from localcloud.config import REPO_ROOT
+from localcloud.prices import FIXED_COST_PER_MILLION, VM_PRICE_PER_HOUR
 
 INFRA_DIR = REPO_ROOT / "infra"
 DAY_S = 86_400
 
-# us-central1 list prices with the boot disk, from the README's "What it costs" table (read 2026-09),
-# and the fixed cost per million images there (uploads, logging, function, Pub/Sub, BigQuery).
-VM_PRICE_PER_HOUR = {"e2-standard-2": 0.0698, "n2-standard-2": 0.0999, "e2-standard-4": 0.1368}
-FIXED_COST_PER_MILLION = 7.79
 
 # Defaults of the measured inputs (override on the command line).
 # Per-VM throughput: the pipeline drained 90 images/s with one worker on a shared 2-vCPU host (README

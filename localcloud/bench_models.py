@@ -39,6 +39,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from localcloud.prices import VM_PRICE_PER_HOUR, cost_per_million
+
 console = Console(width=None if sys.stdout.isatty() else 200)
 
 DEFAULT_CONFIGS = ("tensorflow:f32", "openvino:f32", "openvino:bf16", "openvino:f16", "openvino:int8",
@@ -47,10 +49,8 @@ DEFAULT_CONFIGS = ("tensorflow:f32", "openvino:f32", "openvino:bf16", "openvino:
 # ONNX Runtime-quantized model (QDQ), a model version of its own.
 EXTRA_CONFIGS = {"onnxruntime:int8"}
 REFERENCE = "tensorflow:f32"
-# The README's cost table ("What it costs"): per million images, $7.79 fixed (uploads, logging,
-# function, reads, storage, Pub/Sub, BigQuery) + 277.8 x (VM $/h) / T, T = images/s of one VM.
-COST_FIXED_PER_MILLION = 7.79
-VM_PRICE_PER_HOUR = {"e2-standard-2": 0.0698, "e2-standard-4": 0.1368}
+# The machines the cost per million is given for (prices: localcloud/prices.py, the README's table).
+COST_MACHINES = ("e2-standard-2", "e2-standard-4")
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,6 @@ def parse_configs(text: str, with_reference: bool = True) -> list[EngineConfig]:
         return configs
     reference = EngineConfig("tensorflow", "f32")
     return [reference] + [c for c in configs if c != reference]
-
-
-def cost_per_million(images_per_s: float, vm_price_per_hour: float) -> float:
-    """$ per million images for a VM sustaining images_per_s (the README's formula)."""
-    return COST_FIXED_PER_MILLION + 1e6 / 3600.0 * vm_price_per_hour / images_per_s
 
 
 def spread(values: list[float]) -> dict[str, float | None]:
@@ -421,8 +416,8 @@ def stack_summary(row: dict, bare: dict | None) -> dict[str, Any]:
         "bare_images_per_s_same_process": bench_bare_ips,
         "worker_vs_bare_ab_ratio": (row.get("overhead") or {}).get("ratio"),
         "cpu_percent": row.get("cpu"),
-        "cost_per_million_usd": {vm: round(cost_per_million(worker_ips, price), 3)
-                                 for vm, price in VM_PRICE_PER_HOUR.items()} if worker_ips else None,
+        "cost_per_million_usd": {vm: round(cost_per_million(worker_ips, VM_PRICE_PER_HOUR[vm]), 3)
+                                 for vm in COST_MACHINES} if worker_ips else None,
     }
     if bare is not None:
         summary["bare_images_per_s_matrix"] = bare["images_per_s"]["median"]

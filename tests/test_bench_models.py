@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from localcloud import bench_models as bm
+from localcloud.prices import FIXED_COST_PER_MILLION, VM_PRICE_PER_HOUR, cost_per_million
 from modelkit import zoo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,8 +25,8 @@ DATASET = REPO / "build" / "demo-dataset"
 
 def test_cost_per_million_is_the_readme_cost_table():
     # README "What it costs": e2-standard-2 at T = 100 images/s -> $7.98, e2-standard-4 at T = 25 -> $9.31.
-    assert bm.cost_per_million(100, bm.VM_PRICE_PER_HOUR["e2-standard-2"]) == pytest.approx(7.98, abs=0.005)
-    assert bm.cost_per_million(25, bm.VM_PRICE_PER_HOUR["e2-standard-4"]) == pytest.approx(9.31, abs=0.005)
+    assert cost_per_million(100, VM_PRICE_PER_HOUR["e2-standard-2"]) == pytest.approx(7.98, abs=0.005)
+    assert cost_per_million(25, VM_PRICE_PER_HOUR["e2-standard-4"]) == pytest.approx(9.31, abs=0.005)
 
 
 def test_configs_always_start_with_the_tensorflow_f32_reference_and_refuse_what_no_engine_runs():
@@ -212,7 +213,7 @@ def test_the_worker_runs_a_zoo_network_on_the_local_stack_next_to_the_bare_engin
     assert row["worker_images_per_s"] > 0 and row["bare_images_per_s_matrix"] > 0
     assert row["worker_vs_bare_throughput"] == pytest.approx(row["worker_images_per_s"] / row["bare_images_per_s_matrix"])
     assert set(row["cost_per_million_usd"]) == {"e2-standard-2", "e2-standard-4"}
-    assert row["cost_per_million_usd"]["e2-standard-2"] > bm.COST_FIXED_PER_MILLION
+    assert row["cost_per_million_usd"]["e2-standard-2"] > FIXED_COST_PER_MILLION
     assert row["raw"]["run_id"].startswith("bench-openvino-f32-b8")
     # The rows landed in BigQuery with the model and the CPU flags (migration 003); make report has
     # the model dimension: by_model.sql, the per-network table and the speed-up/fidelity plot.
