@@ -137,7 +137,7 @@ wrk:  ## install wrk, the load tool of make loadtest, when it is missing (Debian
 loadtest: model wrk  ## POST /classify under load with wrk: engines x web frameworks x connections (LOADTEST_ARGS="--duration 20 --engines openvino")
 	$(PY) -m localcloud.loadtest $(LOADTEST_ARGS)
 
-zoo: model  ## the seeds' networks (keras.applications, no download), trained briefly or fidelity only, imported into build/zoo
+zoo: model  ## the seeds' networks (keras.applications, no download), trained briefly (or their classifier only), imported into build/zoo
 	$(PY) -m modelkit zoo
 
 bench-models: model  ## bare engines x precisions x batch sizes on the zoo's networks, JSON in build/bench-models (BENCH_MODELS_ARGS)

@@ -286,6 +286,7 @@ def form_size_bytes(model_dir: Path, manifest: dict, config: EngineConfig) -> in
 def bench_network(name: str, record: dict, dirs: dict[str, Path], configs: list[EngineConfig], batch_sizes: list[int],
                   repeats: int, min_repeat_s: float, max_calls: int, threads: int, work_dir: Path, seed: int,
                   progress: Progress, dataset_dir: Path) -> dict[str, Any]:
+    from modelkit import zoo
     from modelspec.preprocess import preprocess_image
     from modelspec.spec import spec_from_manifest
 
@@ -374,6 +375,8 @@ def bench_network(name: str, record: dict, dirs: dict[str, Path], configs: list[
     return {"network": name, "keras_application": record["keras_application"], "input_size": record["input_size"],
             "parameters": record["parameters"], "trained": record["trained"], "training": record.get("training"),
             "not_trained_why": record.get("not_trained_why"), "keras_held_out_accuracy": record["keras_held_out_accuracy"],
+            "training_mode": record.get("training_mode", "full" if record["trained"] else "none"),
+            "weights": zoo.describe_weights(record),
             "held_out_images": len(inputs), "configs": list(rows.values()), "left_out": left_out,
             # 1-minute load averages around the timing: above the core count, other jobs shared the CPU.
             "load_avg_1m": {"before_timing": load_before[0], "after_timing": load_after[0]}}
@@ -419,9 +422,20 @@ def stack_summary(row: dict, bare: dict | None) -> dict[str, Any]:
         "cost_per_million_usd": {vm: round(cost_per_million(worker_ips, VM_PRICE_PER_HOUR[vm]), 3)
                                  for vm in COST_MACHINES} if worker_ips else None,
     }
+    cpu_per_image = row.get("cpu_ms_per_image") or {}
+    summary["worker_cpu_ms_per_image"] = cpu_per_image.get("worker")
+    # What the local stand-ins for Google's services burnt per image on the same cores; in the cloud
+    # that CPU is Google's, not the worker VM's.
+    summary["emulators_cpu_ms_per_image"] = sum(v for k, v in cpu_per_image.items() if k not in ("worker", "bench"))
     if bare is not None:
         summary["bare_images_per_s_matrix"] = bare["images_per_s"]["median"]
         summary["worker_vs_bare_throughput"] = worker_ips / bare["images_per_s"]["median"]
+        bare_cpu = (bare.get("cpu_ms_per_image") or {}).get("median")
+        if bare_cpu and summary["worker_cpu_ms_per_image"]:
+            # The bare engine's CPU per image over the worker's (all its threads: download, decode, engine,
+            # sink, Pub/Sub): the throughput ratio a CPU-bound worker reaches on cores of its own.
+            summary["bare_cpu_ms_per_image_matrix"] = bare_cpu
+            summary["worker_vs_bare_cpu"] = bare_cpu / summary["worker_cpu_ms_per_image"]
     if bench_bare_ips:
         summary["worker_vs_bare_throughput_same_run"] = worker_ips / bench_bare_ips
     return summary
@@ -436,8 +450,7 @@ def _range(s: dict, digits: int = 1, scale: float = 1.0) -> str:
 
 
 def network_table(result: dict, batch_sizes: list[int]) -> Table:
-    trained = (f"trained, Keras held-out accuracy {result['keras_held_out_accuracy']:.3f}" if result["trained"]
-               else "random weights: fidelity only")
+    trained = result.get("weights") or "random weights: fidelity only"
     table = Table(title=f"{result['network']} ({result['input_size']}px, {result['parameters'] / 1e6:.1f} M params, "
                         f"{trained}); median (min-max) over repeats")
     for column in ("engine", "prec", "runs as", "batch", "p50 ms", "p95 ms", "p99 ms", "img/s", "x TF f32",
@@ -460,14 +473,21 @@ def network_table(result: dict, batch_sizes: list[int]) -> Table:
 def stack_table(rows: list[dict]) -> Table:
     table = Table(title="The worker on the local stack (worker-only: pre-filled backlog) next to the bare engine")
     for column in ("network", "engine", "prec", "batch", "worker img/s", "bare img/s (matrix)", "worker/bare",
+                   "worker CPU ms/img", "bare CPU ms/img", "worker/bare (CPU)", "emulators CPU ms/img",
                    "infer ms/img", "A/B ratio", "$/M e2-std-2", "$/M e2-std-4"):
         table.add_column(column, justify="right")
+
+    def fmt(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     for row in rows:
         cost = row.get("cost_per_million_usd") or {}
         table.add_row(row["network"], row["engine"], row["precision"], str(row["batch_size"]),
                       f"{row['worker_images_per_s']:.1f}",
                       f"{row['bare_images_per_s_matrix']:.1f}" if row.get("bare_images_per_s_matrix") else "-",
                       f"{row['worker_vs_bare_throughput']:.2f}" if row.get("worker_vs_bare_throughput") else "-",
+                      fmt(row.get("worker_cpu_ms_per_image"), 1), fmt(row.get("bare_cpu_ms_per_image_matrix"), 1),
+                      fmt(row.get("worker_vs_bare_cpu"), 2), fmt(row.get("emulators_cpu_ms_per_image"), 1),
                       f"{row['worker_inference_ms_per_image']:.2f}" if row.get("worker_inference_ms_per_image") else "-",
                       f"{row['worker_vs_bare_ab_ratio']:.2f}" if row.get("worker_vs_bare_ab_ratio") else "-",
                       f"{cost.get('e2-standard-2', 0):.2f}", f"{cost.get('e2-standard-4', 0):.2f}")
@@ -478,7 +498,7 @@ def stack_table(rows: list[dict]) -> Table:
 
 @click.group(invoke_without_command=True)
 @click.pass_context
-@click.option("--models", default="mobilenetv2,resnet50,vgg16,xception,inceptionv3,efficientnetb0", show_default=True,
+@click.option("--models", default="mobilenetv2,resnet50,vgg16,xception,inceptionv3,efficientnetb0,resnet152", show_default=True,
               help="networks of modelkit.zoo (built and imported first when missing; cached under --zoo-root)")
 @click.option("--engines", default=",".join(DEFAULT_CONFIGS), show_default=True,
               help="engine:precision list; tensorflow:f32 (the reference) is always included")

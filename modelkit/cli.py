@@ -540,7 +540,7 @@ def _read_spec_file(path: Path) -> Any:
 
 
 @cli.command("zoo")
-@click.option("--networks", default=None, help="Comma-separated (default: the seeds' six; also resnet152, tiny).")
+@click.option("--networks", default=None, help="Comma-separated (default: the seeds' seven; also tiny, the tests' network).")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("build/zoo"), show_default=True)
 @click.option("--dataset-dir", type=click.Path(path_type=Path), default=Path("build/demo-dataset"), show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -554,8 +554,12 @@ def zoo(networks: str | None, root: Path, dataset_dir: Path, seed: int, force: b
     for name in names:
         record = zoo_module.build_network(name, root, dataset_dir, seed, force, log=click.echo)
         training = record.get("training")
-        done = (f"trained {training['images']} images x {training['epochs']} in {training['train_s']} s"
-                if training else f"not trained ({record.get('not_trained_why')})")
+        if not training:
+            done = f"not trained ({record.get('not_trained_why')})"
+        elif training.get("mode") == "head":
+            done = f"classifier fitted on the random body's features of {training['images']} images in {training['train_s']} s"
+        else:
+            done = f"trained {training['images']} images x {training['epochs']} in {training['train_s']} s"
         click.echo(f"{name:<15} {done}; held-out accuracy (Keras) {record['keras_held_out_accuracy']:.3f}")
 
 

@@ -55,7 +55,7 @@ def tables(result: dict | None, source: str, format_value) -> list[dict]:
     machine = result["machine"]
     built = []
     for network in result["networks"]:
-        weights = (f"trained briefly on the demo dataset (Keras held-out accuracy "
+        weights = network.get("weights") or (f"trained briefly on the demo dataset (Keras held-out accuracy "
                    f"{network['keras_held_out_accuracy']:.3f})" if network["trained"]
                    else f"random weights, fidelity only ({network.get('not_trained_why') or 'not trained'})")
         summary = (f"{network['keras_application']} at {network['input_size']} px, "

@@ -77,7 +77,7 @@ def test_every_network_is_imported_with_its_keras_preprocessing():
     spec = zoo.training_spec(zoo.NETWORKS["xception"])
     assert (spec.input.height, spec.preprocess.offset) == (299, -1.0)
     assert set(zoo.DEFAULT_NETWORKS) == {"mobilenetv2", "resnet50", "vgg16", "xception", "inceptionv3",
-                                        "efficientnetb0"}
+                                        "efficientnetb0", "resnet152"}
 
 
 def test_machine_facts_and_both_tables_carry_the_cpu_flags():
@@ -91,6 +91,41 @@ def test_machine_facts_and_both_tables_carry_the_cpu_flags():
 
 
 # --- The tiny network, built, imported, benched -----------------------------------------------------------
+
+def test_a_head_only_fit_learns_and_folds_its_standardisation_into_the_classifier():
+    """VGG16-class networks get only their classifier fitted; the fitted layer must compute exactly
+    the probe's logits (standardisation folded into kernel and bias) and separate a separable task."""
+    import keras
+
+    rng = np.random.default_rng(3)
+    # Two classes that differ in mean brightness and colour, as grass and moon do.
+    x = np.concatenate([rng.normal(0.4, 0.2, (48, 32, 32, 3)), rng.normal(-0.4, 0.2, (48, 32, 32, 3))]).astype(np.float32)
+    x[48:, ..., 1] -= 0.3
+    y = np.asarray([0] * 48 + [1] * 48)
+    model = zoo.build_keras(zoo.NETWORKS["tiny"], seed=0)
+    body = keras.Model(model.inputs, model.layers[-1].input)
+    record = zoo.train_head(model, x[::2], y[::2], seed=0)
+    assert record["mode"] == "head" and record["images"] == 48 and record["features"] == 8
+    logits = np.asarray(model(x[1::2], training=False))
+    assert np.mean(logits.argmax(axis=1) == y[1::2]) >= 0.9
+    # The folded layer equals kernel . features + bias recomputed in float64 from its own weights,
+    # within float32 rounding of a sum of 8 products.
+    kernel, bias = model.layers[-1].get_weights()
+    features = np.asarray(body(x[1::2], training=False), dtype=np.float64)
+    expected = features @ kernel.astype(np.float64) + bias
+    bound = 8 * np.finfo(np.float32).eps * (np.abs(features) @ np.abs(kernel.astype(np.float64)) + np.abs(bias))
+    assert np.all(np.abs(logits - expected) <= bound)
+    # The body is untouched: only the classifier was fitted.
+    assert all(np.array_equal(a, b) for a, b in zip(body.get_weights(), zoo.build_keras(zoo.NETWORKS["tiny"], 0).get_weights()[:-2]))
+
+
+def test_heavy_networks_are_head_fitted_and_light_ones_keep_their_cache_keys():
+    assert {n for n, net in zoo.NETWORKS.items() if net.training == "head"} == {"vgg16", "xception", "inceptionv3", "resnet152"}
+    assert all(zoo.NETWORKS[n].train_images > 0 for n in zoo.DEFAULT_NETWORKS)
+    # Builds cached before the training field existed stay valid for fully trained networks.
+    assert "training" not in zoo.build_record_key(zoo.NETWORKS["mobilenetv2"], 0, Path("d"))["network"]
+    assert zoo.build_record_key(zoo.NETWORKS["vgg16"], 0, Path("d"))["network"]["training"] == "head"
+
 
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory) -> Path:
@@ -212,6 +247,10 @@ def test_the_worker_runs_a_zoo_network_on_the_local_stack_next_to_the_bare_engin
     assert row["network"] == "tiny" and row["images"] == 40 and row["errors"] == 0
     assert row["worker_images_per_s"] > 0 and row["bare_images_per_s_matrix"] > 0
     assert row["worker_vs_bare_throughput"] == pytest.approx(row["worker_images_per_s"] / row["bare_images_per_s_matrix"])
+    # The CPU view: the worker's own CPU per image (it does more than the engine call) and what the
+    # emulators burnt beside it.
+    assert row["worker_cpu_ms_per_image"] > 0 and row["emulators_cpu_ms_per_image"] > 0
+    assert row["worker_vs_bare_cpu"] == pytest.approx(row["bare_cpu_ms_per_image_matrix"] / row["worker_cpu_ms_per_image"])
     assert set(row["cost_per_million_usd"]) == {"e2-standard-2", "e2-standard-4"}
     assert row["cost_per_million_usd"]["e2-standard-2"] > FIXED_COST_PER_MILLION
     assert row["raw"]["run_id"].startswith("bench-openvino-f32-b8")
