@@ -597,6 +597,16 @@ def _write(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=2, default=str))
 
 
+@main.command("markdown")
+@click.argument("result_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                default=Path("build/bench-models/latest.json"))
+def markdown_command(result_file: Path) -> None:
+    """One run's tables as Markdown (the README and docs/bench-models.md quote them)."""
+    from localcloud.bench_models_markdown import render
+
+    click.echo(render(json.loads(result_file.read_text()), str(result_file)), nl=False)
+
+
 @main.command("serve", hidden=True)
 @click.option("--model-dir", type=click.Path(path_type=Path), required=True)
 @click.option("--engine", required=True)

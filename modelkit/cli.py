@@ -545,14 +545,18 @@ def _read_spec_file(path: Path) -> Any:
 @click.option("--dataset-dir", type=click.Path(path_type=Path), default=Path("build/demo-dataset"), show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild even when a cached build matches.")
-def zoo(networks: str | None, root: Path, dataset_dir: Path, seed: int, force: bool) -> None:
-    """The seeds' networks from keras.applications (no weights downloaded), trained briefly or
-    random (fidelity only), each imported with `modelkit import` (modelkit.zoo)."""
+@click.option("--in-process", is_flag=True, hidden=True, help="Build here, not in a process per network.")
+def zoo(networks: str | None, root: Path, dataset_dir: Path, seed: int, force: bool, in_process: bool) -> None:
+    """The seeds' networks from keras.applications (no weights downloaded), trained briefly (or
+    their classifier only), each imported with `modelkit import` (modelkit.zoo), each in a process
+    of its own."""
     from modelkit import zoo as zoo_module
 
     names = networks.split(",") if networks else list(zoo_module.DEFAULT_NETWORKS)
     for name in names:
-        record = zoo_module.build_network(name, root, dataset_dir, seed, force, log=click.echo)
+        record = zoo_module.build_network(name, root, dataset_dir, seed, force, log=click.echo, in_process=in_process)
+        if in_process:
+            continue  # the parent prints the summary line
         training = record.get("training")
         if not training:
             done = f"not trained ({record.get('not_trained_why')})"

@@ -320,8 +320,13 @@ def cached_record(root: Path, net: Network, key: dict) -> dict | None:
 
 
 def build_network(name: str, root: Path = ZOO_ROOT, dataset_dir: Path = DATASET_DIR, seed: int = 0,
-                  force: bool = False, log=print) -> dict:
-    """Build, train (or not), save, import through `modelkit import`; returns the record (cached)."""
+                  force: bool = False, log=print, in_process: bool = False) -> dict:
+    """Build, train (or not), save, import through `modelkit import`; returns the record (cached).
+
+    A build runs in a process of its own (`python -m modelkit zoo --networks NAME --in-process`)
+    unless in_process: TensorFlow keeps what a network's build allocated until its process ends
+    (11 GB after VGG16 and ResNet152 in one process, which the kernel's OOM killer then ended), and
+    the caller may be a bench that goes on to time engines."""
     if name not in NETWORKS:
         raise ZooError(f"unknown network {name!r} (known: {', '.join(NETWORKS)})")
     net = NETWORKS[name]
@@ -330,6 +335,8 @@ def build_network(name: str, root: Path = ZOO_ROOT, dataset_dir: Path = DATASET_
     if not force and (record := cached_record(root, net, key)) is not None:
         log(f"{name}: cached ({root / name / 'record.json'})")
         return add_onnx_int8(add_onnx(record, net, root, log), net, root, dataset_dir, log)
+    if not in_process:
+        return _build_in_child(name, root, dataset_dir, seed, force, log)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     work = root / name
     trained_file = work / "trained.json"  # a trained model.keras of this key, kept when a later step failed
@@ -400,6 +407,24 @@ def build_network(name: str, root: Path = ZOO_ROOT, dataset_dir: Path = DATASET_
     record["sizes_bytes"] = {"keras": keras_file.stat().st_size}
     (work / "record.json").write_text(json.dumps(record, indent=2))
     return add_onnx_int8(add_onnx(record, net, root, log), net, root, dataset_dir, log)
+
+
+def _build_in_child(name: str, root: Path, dataset_dir: Path, seed: int, force: bool, log) -> dict:
+    command = [sys.executable, "-m", "modelkit", "zoo", "--networks", name, "--root", str(root), "--dataset-dir",
+               str(dataset_dir), "--seed", str(seed), "--in-process", *(["--force"] if force else [])]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}) as child:
+        tail: list[str] = []
+        for line in child.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-40:]
+            if line.startswith(f"{name}:") or line.startswith("Error"):
+                log(line)
+    record_file = root / name / "record.json"
+    if child.returncode != 0 or not record_file.is_file():
+        killed = " (killed by a signal: out of memory?)" if child.returncode < 0 else ""
+        raise ZooError(f"`{' '.join(command)}` failed (exit {child.returncode}{killed}):\n" + "\n".join(tail))
+    return json.loads(record_file.read_text())
 
 
 def onnx_attempt_key() -> dict:

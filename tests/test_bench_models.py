@@ -229,6 +229,29 @@ def test_the_report_draws_the_model_dimension_from_the_bench_json(bench_json):
     assert models.speedup_against_fidelity(None) is None and models.tables(None, "", format_value) == []
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_markdown_tables_quote_the_run(bench_json, tmp_path):
+    from localcloud.bench_models_markdown import full_table, seeds_table
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(bench_json))
+    done = subprocess.run([sys.executable, "-m", "localcloud.bench_models", "markdown", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert str(path) in done.stdout and ",".join(bench_json["machine"]["cpu_flags"]) in done.stdout
+    # One row per configuration and batch size; in the seeds' form, one per configuration but the reference.
+    full = [line for line in full_table(bench_json).splitlines() if line.startswith("| tiny |")]
+    assert len(full) == len(bm.DEFAULT_CONFIGS) * 2
+    seeds = [line for line in seeds_table(bench_json).splitlines() if line.startswith("| tiny |")]
+    assert len(seeds) == len(bm.DEFAULT_CONFIGS) - 1 and not any("tensorflow f32" in line for line in seeds)
+    [network] = bench_json["networks"]
+    int8 = next(c for c in network["configs"] if (c["engine"], c["precision"]) == ("openvino", "int8"))
+    speedup = int8["batches"]["4"]["speedup_vs_tensorflow_f32"]["median"]
+    assert any(f"| tiny | trained (acc {network['keras_held_out_accuracy']:.3f}) | openvino int8 |" in line
+               and f"| {speedup:.2f} (" in line for line in seeds)
+
+
 @pytest.mark.stack
 @pytest.mark.slow
 @pytest.mark.timeout(900)
