@@ -79,8 +79,13 @@ class Tolerance:
 #   range, and label flips (at most 2%) are what really judges it.
 TOLERANCES = {
     # f32: another library's kernels sum in another order. 256 float32 ULPs relative, and 1e-4
-    # absolute for logits near zero (where a relative bound means nothing after cancellation).
-    "f32": Tolerance(atol=1e-4, rtol=256 * F32_EPS, max_flip_fraction=0.0, why="same math, summation order only"),
+    # absolute for logits near zero (where a relative bound means nothing after cancellation),
+    # plus 64 ULPs of the largest |logit|: a small logit is a difference of terms as large as the
+    # logit range, so its rounding scales with that range. Measured against a float64 run of the
+    # zoo's EfficientNetB0 (logits to 116): Keras f32 is 31 ULPs of the range away, ONNX Runtime's
+    # default session 28, so two correct f32 runs can differ by ~60 (issue 14).
+    "f32": Tolerance(atol=1e-4, rtol=256 * F32_EPS, max_flip_fraction=0.0, range_rtol=64 * F32_EPS,
+                     why="same math, summation order only"),
     "bf16": Tolerance(atol=0.1, rtol=0.02, max_flip_fraction=0.01, why="bf16 compute, 8-bit mantissa"),
     "f16": Tolerance(atol=0.1, rtol=0.02, max_flip_fraction=0.01, why="f16 compute, 11-bit mantissa"),
     "int8": Tolerance(atol=0.5, rtol=0.1, max_flip_fraction=0.02, clip=10.0, range_rtol=0.25,

@@ -92,9 +92,9 @@ def test_machine_facts_and_both_tables_carry_the_cpu_flags():
 
 # --- The tiny network, built, imported, benched -----------------------------------------------------------
 
-def test_a_head_only_fit_learns_and_folds_its_standardisation_into_the_classifier():
+def test_a_head_only_fit_learns_and_folds_its_feature_scale_into_the_classifier():
     """VGG16-class networks get only their classifier fitted; the fitted layer must compute exactly
-    the probe's logits (standardisation folded into kernel and bias) and separate a separable task."""
+    the probe's logits (its feature scale folded into the kernel) and separate a separable task."""
     import keras
 
     rng = np.random.default_rng(3)
@@ -153,6 +153,9 @@ def test_the_zoo_imports_through_modelkit_import_and_caches(tiny_zoo):
     assert {"saved_model", "openvino_fp32", "openvino_fp16", "openvino_int8"} <= set(keras_manifest["forms"])
     assert keras_manifest["quantization"]["openvino_int8"]["calibration"]["images"] == zoo.CALIBRATION
     assert {"onnx", "openvino_fp32"} <= set(onnx_manifest["forms"])
+    # Both imports are judged on demo images, never random pixels (issue 14).
+    assert keras_manifest["parity"]["inputs"] == onnx_manifest["parity"]["inputs"]
+    assert onnx_manifest["parity"]["inputs"].endswith(f"calibration images from {tiny_zoo / 'tiny' / 'calibration'}")
     assert keras_manifest["spec"] == onnx_manifest["spec"] | {"input": keras_manifest["spec"]["input"]}
     # Held-out images were not calibration images.
     calibration = {str(p.relative_to(tiny_zoo / "tiny" / "calibration"))

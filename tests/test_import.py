@@ -551,7 +551,9 @@ def test_onnx_import_reads_labels_and_keeps_the_onnx_file(onnx_import, work):
     assert "openvino_int8" in manifest["skipped_forms"] and "--calibration-dir" in manifest["skipped_forms"][
         "openvino_int8"]
     assert "warmup" not in manifest and not (onnx_import / "saved_model.pb").exists()
-    assert manifest["parity"]["forms"]["onnx"]["max_abs_diff"] == 0.0
+    # The reference leaves ORT's NCHWc rewrite out (issue 14), the worker's session does not: rounding apart.
+    assert manifest["parity"]["forms"]["onnx"]["tolerance"] == "f32" and manifest["parity"]["forms"]["onnx"][
+        "worst_ratio"] < 0.5
 
 
 @pytest.mark.slow
