@@ -553,8 +553,15 @@ def zoo(networks: str | None, root: Path, dataset_dir: Path, seed: int, force: b
     from modelkit import zoo as zoo_module
 
     names = networks.split(",") if networks else list(zoo_module.DEFAULT_NETWORKS)
+    failed = []
     for name in names:
-        record = zoo_module.build_network(name, root, dataset_dir, seed, force, log=click.echo, in_process=in_process)
+        try:
+            record = zoo_module.build_network(name, root, dataset_dir, seed, force, log=click.echo,
+                                              in_process=in_process)
+        except zoo_module.ZooError as exc:  # the next network does not depend on this one
+            click.echo(f"{name}: FAILED: {exc}", err=True)
+            failed.append(name)
+            continue
         if in_process:
             continue  # the parent prints the summary line
         training = record.get("training")
@@ -565,6 +572,8 @@ def zoo(networks: str | None, root: Path, dataset_dir: Path, seed: int, force: b
         else:
             done = f"trained {training['images']} images x {training['epochs']} in {training['train_s']} s"
         click.echo(f"{name:<15} {done}; held-out accuracy (Keras) {record['keras_held_out_accuracy']:.3f}")
+    if failed:
+        raise click.ClickException(f"not built: {', '.join(failed)} (the reasons are above)")
 
 
 @cli.command("tfserving-standin")

@@ -52,3 +52,34 @@ def test_the_onnx_reference_runs_the_graph_without_the_nchwc_layout_rewrite(tmp_
     assert source.runtime == f"onnxruntime {ort.__version__} (CPUExecutionProvider, NchwcTransformer off)"
     plain = ort.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
     assert_f32_close(outputs, plain.run(["logits"], {"input": batch})[0])  # the same model, only rounding apart
+
+
+class _Amplifier:
+    """A stand-in source: outputs = gain x (inputs - a fixed point), so input rounding is amplified
+    gain times, as a badly conditioned deep network amplifies its layers' rounding."""
+
+    def __init__(self, gain: float, fixed: np.ndarray):
+        self.gain, self.fixed = gain, fixed.astype(np.float64)
+
+    def run(self, inputs, spec):
+        moved = inputs.astype(np.float64) - self.fixed
+        return (self.gain * moved.reshape(len(inputs), -1)[:, :2]).astype(np.float32)
+
+
+def test_the_noise_floor_measures_how_far_float32_rounding_moves_the_source_and_widens_only_f32():
+    from modelkit.importer import NOISE_FLOOR_FACTOR, form_tolerance, source_noise_floor
+
+    inputs = np.random.default_rng(1).uniform(50, 200, (4, 8, 8, 3)).astype(np.float32)
+    # Moved by at most half an ULP, then rounded back to float32: at most one ULP of the largest input.
+    ulp_of_largest = float(inputs.max()) * np.finfo(np.float32).eps
+    floors = {}
+    for gain in (1.0, 1e4):
+        source = _Amplifier(gain, inputs)
+        reference = source.run(inputs, None)
+        floors[gain] = source_noise_floor(source, inputs, None, reference)
+        assert 0 < floors[gain] <= gain * ulp_of_largest * 1.01
+    assert floors[1e4] > 1000 * floors[1.0]
+    f32 = form_tolerance("f32", floors[1e4])
+    assert f32.atol == TOLERANCES["f32"].atol + NOISE_FLOOR_FACTOR * floors[1e4] and f32.rtol == TOLERANCES["f32"].rtol
+    assert "noise floor" in f32.why
+    assert form_tolerance("f32") == TOLERANCES["f32"] and form_tolerance("int8", floors[1e4]) == TOLERANCES["int8"]
