@@ -546,7 +546,9 @@ def _read_spec_file(path: Path) -> Any:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild even when a cached build matches.")
 @click.option("--in-process", is_flag=True, hidden=True, help="Build here, not in a process per network.")
-def zoo(networks: str | None, root: Path, dataset_dir: Path, seed: int, force: bool, in_process: bool) -> None:
+@click.option("--train-only", is_flag=True, hidden=True, help="With --in-process: fit and save, do not import.")
+def zoo(networks: str | None, root: Path, dataset_dir: Path, seed: int, force: bool, in_process: bool,
+        train_only: bool) -> None:
     """The seeds' networks from keras.applications (no weights downloaded), trained briefly (or
     their classifier only), each imported with `modelkit import` (modelkit.zoo), each in a process
     of its own."""
@@ -557,7 +559,7 @@ def zoo(networks: str | None, root: Path, dataset_dir: Path, seed: int, force: b
     for name in names:
         try:
             record = zoo_module.build_network(name, root, dataset_dir, seed, force, log=click.echo,
-                                              in_process=in_process)
+                                              in_process=in_process, train_only=train_only)
         except zoo_module.ZooError as exc:  # the next network does not depend on this one
             click.echo(f"{name}: FAILED: {exc}", err=True)
             failed.append(name)

@@ -224,32 +224,47 @@ def train_head(model, x: np.ndarray, y: np.ndarray, seed: int, batch_size: int =
 
 
 HEAD_FIT_VERSION = 2  # bump when train_head changes: head-fitted networks are rebuilt
-ONNX_EXPORT_FORMAT = 1  # bump when export_onnx changes how it exports: failed ONNX steps are retried
-# Address-space limit of the tf2onnx subprocess: most of the machine's memory (VGG16's 528 MB of
-# weights need more than 12 GB of address space in grappler), never all of it.
+ONNX_EXPORT_FORMAT = 2  # bump when export_onnx changes how it exports: failed ONNX steps are retried
+# Resident-memory limit of the tf2onnx subprocess: most of the machine's memory, never all of it.
 ONNX_EXPORT_MEMORY_BYTES = int(0.85 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def export_onnx(saved_model_dir: Path, path: Path, memory_bytes: int = ONNX_EXPORT_MEMORY_BYTES) -> str:
     """tf2onnx from the imported SavedModel (the same weights and signature names as every other
-    form), in a subprocess whose address space is limited: tf2onnx needs ~7 GB for ResNet50 and
-    more than the machine has for VGG16, and an out-of-memory kill would take the caller with it."""
-    import resource
+    form), in a subprocess watched for memory: ResNet50 needs ~7 GB, VGG16 more, and an
+    out-of-memory kill could take the caller with it. The watch reads the resident set (an
+    address-space limit instead made tf2onnx crash with SIGSEGV on VGG16 at 20 GB, far below its
+    real use, as TensorFlow reserves much more than it touches)."""
+    import tempfile
 
+    import psutil
     import tf2onnx
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
     command = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir), "--output", str(path),
                "--opset", "17"]
-    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    if done.returncode != 0 or not path.is_file():
-        tail = " ".join(done.stderr[-600:].split())
-        raise ZooError(f"tf2onnx {tf2onnx.__version__} could not convert {saved_model_dir} within "
-                       f"{memory_bytes / 2**30:.0f} GB of address space (exit {done.returncode}): {tail}")
-    return f"tf2onnx {tf2onnx.__version__} from the imported SavedModel, opset 17"
+    peak, over = 0, False
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        watched = psutil.Process(child.pid)
+        while child.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss)
+            except psutil.Error:
+                pass
+            if peak > memory_bytes:
+                over = True
+                child.kill()
+                child.wait()
+                break
+            time.sleep(0.25)
+        log.seek(0)
+        tail = " ".join(log.read()[-600:].split())
+    if over or child.returncode != 0 or not path.is_file():
+        cause = (f"its resident memory passed {memory_bytes / 2**30:.0f} GB and it was stopped" if over
+                 else f"exit {child.returncode}, peak resident memory {peak / 2**30:.1f} GB")
+        raise ZooError(f"tf2onnx {tf2onnx.__version__} could not convert {saved_model_dir} ({cause}): {tail}")
+    return f"tf2onnx {tf2onnx.__version__} from the imported SavedModel, opset 17 (peak resident {peak / 2**30:.1f} GB)"
 
 
 def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, input_name: str) -> str:
@@ -323,7 +338,7 @@ def cached_record(root: Path, net: Network, key: dict) -> dict | None:
 
 
 def build_network(name: str, root: Path = ZOO_ROOT, dataset_dir: Path = DATASET_DIR, seed: int = 0,
-                  force: bool = False, log=print, in_process: bool = False) -> dict:
+                  force: bool = False, log=print, in_process: bool = False, train_only: bool = False) -> dict:
     """Build, train (or not), save, import through `modelkit import`; returns the record (cached).
 
     A build runs in a process of its own (`python -m modelkit zoo --networks NAME --in-process`)
@@ -342,7 +357,7 @@ def build_network(name: str, root: Path = ZOO_ROOT, dataset_dir: Path = DATASET_
         return _build_in_child(name, root, dataset_dir, seed, force, log)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     work = root / name
-    trained_file = work / "trained.json"  # a trained model.keras of this key, kept when a later step failed
+    trained_file = work / "trained.json"  # what the fit left (model.keras of this key), for later steps
     kept = json.loads(trained_file.read_text()) if trained_file.is_file() and (work / "model.keras").is_file() else None
     if kept is None or kept.get("key") != key:
         kept = None
@@ -350,53 +365,22 @@ def build_network(name: str, root: Path = ZOO_ROOT, dataset_dir: Path = DATASET_
         work.mkdir(parents=True)
     split = split_dataset(dataset_dir, seed)
     spec = training_spec(net)
-    if kept is not None:
-        import keras
-
-        log(f"{name}: reusing the trained {work / 'model.keras'} ({trained_file})")
-        model = keras.models.load_model(str(work / "model.keras"), compile=False)
-    else:
-        model = build_keras(net, seed)
+    rest = split["rest"]
+    if kept is None or "keras_held_out_accuracy" not in kept:
+        kept = _train_and_save(net, name, work, key, kept, split, spec, dataset_dir, seed, log)
+    if train_only:
+        return kept  # the caller's next process imports, without this one's TensorFlow memory
     record: dict[str, Any] = {"key": key, "network": name, "keras_application": net.builder,
                               "input_size": net.size, "preprocess": net.preprocess,
-                              "parameters": int(model.count_params()), "held_out": split["held_out"]}
-    rest = split["rest"]
-    if kept is not None:
-        record["training"], record["batchnorm_layers_recalibrated"] = kept["training"], kept["batchnorm_layers_recalibrated"]
-        if net.training != "full" or not net.train_images:
-            record["not_trained_why"] = net.why_not_trained
-    elif net.train_images and net.training == "head":
-        log(f"{name}: fitting the classifier on the random body's features of {net.train_images} images at {net.size}px")
-        x, y = load_images(dataset_dir, rest[:net.train_images], spec)
-        # The body's statistics first: the probe is fitted on the features inference will compute.
-        record["batchnorm_layers_recalibrated"] = recalibrate_batchnorm(model, x[:32])
-        record["training"] = train_head(model, x, y, seed)
+                              "parameters": kept["parameters"], "held_out": split["held_out"],
+                              "training": kept["training"],
+                              "batchnorm_layers_recalibrated": kept["batchnorm_layers_recalibrated"],
+                              "keras_held_out_accuracy": kept["keras_held_out_accuracy"],
+                              "trained": bool(net.train_images),  # full or head: the accuracy means something
+                              "training_mode": net.training if net.train_images else "none"}
+    if net.training != "full" or not net.train_images:
         record["not_trained_why"] = net.why_not_trained
-        log(f"{name}: classifier fitted in {record['training']['train_s']} s")
-    elif net.train_images:
-        log(f"{name}: training on {net.train_images} images x {net.epochs} epoch(s) at {net.size}px")
-        x, y = load_images(dataset_dir, rest[:net.train_images], spec)
-        record["training"] = train_briefly(model, net, x, y, seed)
-        log(f"{name}: trained in {record['training']['train_s']} s")
-        bn_images = x[:64]
-    else:
-        record["training"] = None
-        record["not_trained_why"] = net.why_not_trained
-        bn_images, _ = load_images(dataset_dir, rest[:32], spec)
-    if kept is None and "batchnorm_layers_recalibrated" not in record:
-        record["batchnorm_layers_recalibrated"] = recalibrate_batchnorm(model, bn_images)
-    held_x, held_y = load_images(dataset_dir, split["held_out"], spec)
-    logits = np.concatenate([np.asarray(model(held_x[i:i + 16], training=False)) for i in range(0, len(held_x), 16)])
-    record["keras_held_out_accuracy"] = float(np.mean(logits.argmax(axis=1) == held_y))
-    record["trained"] = bool(net.train_images)  # full or head: the held-out accuracy means something
-    record["training_mode"] = net.training if net.train_images else "none"
-    log(f"{name}: Keras held-out accuracy {record['keras_held_out_accuracy']:.3f} on {len(held_y)} images")
     keras_file = work / "model.keras"
-    if kept is None:
-        model.save(keras_file)
-        trained_file.write_text(json.dumps({"key": key, "training": record["training"],
-                                            "batchnorm_layers_recalibrated": record["batchnorm_layers_recalibrated"]}))
-    del model
     # Calibration images: from the training side of the split, never the held-out ones.
     calibration_dir = work / "calibration"
     for rel, _ in rest[-CALIBRATION:]:
@@ -412,9 +396,63 @@ def build_network(name: str, root: Path = ZOO_ROOT, dataset_dir: Path = DATASET_
     return add_onnx_int8(add_onnx(record, net, root, log), net, root, dataset_dir, log)
 
 
+def _train_and_save(net: Network, name: str, work: Path, key: dict, kept: dict | None, split: dict, spec,
+                    dataset_dir: Path, seed: int, log) -> dict:
+    """Build and fit (or reuse the fitted model.keras), measure the Keras held-out accuracy, save;
+    returns what trained.json keeps, so that later steps need not load the model again."""
+    import keras
+
+    trained_file = work / "trained.json"
+    rest = split["rest"]
+    if kept is not None:
+        log(f"{name}: reusing the trained {work / 'model.keras'} ({trained_file})")
+        model = keras.models.load_model(str(work / "model.keras"), compile=False)
+        training, recalibrated = kept["training"], kept["batchnorm_layers_recalibrated"]
+    else:
+        model = build_keras(net, seed)
+        if net.train_images and net.training == "head":
+            log(f"{name}: fitting the classifier on the random body's features of {net.train_images} images at "
+                f"{net.size}px")
+            x, y = load_images(dataset_dir, rest[:net.train_images], spec)
+            # The body's statistics first: the probe is fitted on the features inference will compute.
+            recalibrated = recalibrate_batchnorm(model, x[:32])
+            training = train_head(model, x, y, seed)
+            log(f"{name}: classifier fitted in {training['train_s']} s")
+        else:
+            if net.train_images:
+                log(f"{name}: training on {net.train_images} images x {net.epochs} epoch(s) at {net.size}px")
+                x, y = load_images(dataset_dir, rest[:net.train_images], spec)
+                training = train_briefly(model, net, x, y, seed)
+                log(f"{name}: trained in {training['train_s']} s")
+                bn_images = x[:64]
+            else:
+                training = None
+                bn_images, _ = load_images(dataset_dir, rest[:32], spec)
+            recalibrated = recalibrate_batchnorm(model, bn_images)
+        model.save(work / "model.keras")
+    held_x, held_y = load_images(dataset_dir, split["held_out"], spec)
+    logits = np.concatenate([np.asarray(model(held_x[i:i + 16], training=False)) for i in range(0, len(held_x), 16)])
+    accuracy = float(np.mean(logits.argmax(axis=1) == held_y))
+    log(f"{name}: Keras held-out accuracy {accuracy:.3f} on {len(held_y)} images")
+    kept = {"key": key, "training": training, "batchnorm_layers_recalibrated": recalibrated,
+            "parameters": int(model.count_params()), "keras_held_out_accuracy": accuracy}
+    trained_file.write_text(json.dumps(kept))
+    return kept
+
+
 def _build_in_child(name: str, root: Path, dataset_dir: Path, seed: int, force: bool, log) -> dict:
-    command = [sys.executable, "-m", "modelkit", "zoo", "--networks", name, "--root", str(root), "--dataset-dir",
-               str(dataset_dir), "--seed", str(seed), "--in-process", *(["--force"] if force else [])]
+    """Fit and save in one process, import in the next: the import's engines and tf2onnx then have
+    the memory the fit's TensorFlow held."""
+    common = [sys.executable, "-m", "modelkit", "zoo", "--networks", name, "--root", str(root), "--dataset-dir",
+              str(dataset_dir), "--seed", str(seed), "--in-process"]
+    common += ["--force"] if force else []
+    _run_child([*common, "--train-only"], name, log)
+    _run_child(common, name, log)
+    record_file = root / name / "record.json"
+    return json.loads(record_file.read_text())
+
+
+def _run_child(command: list[str], name: str, log) -> None:
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}) as child:
         tail: list[str] = []
@@ -423,11 +461,9 @@ def _build_in_child(name: str, root: Path, dataset_dir: Path, seed: int, force: 
             tail = (tail + [line])[-40:]
             if line.startswith(f"{name}:") or line.startswith("Error"):
                 log(line)
-    record_file = root / name / "record.json"
-    if child.returncode != 0 or not record_file.is_file():
+    if child.returncode != 0:
         killed = " (killed by a signal: out of memory?)" if child.returncode < 0 else ""
         raise ZooError(f"`{' '.join(command)}` failed (exit {child.returncode}{killed}):\n" + "\n".join(tail))
-    return json.loads(record_file.read_text())
 
 
 def onnx_attempt_key() -> dict:
