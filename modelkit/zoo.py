@@ -224,7 +224,7 @@ def train_head(model, x: np.ndarray, y: np.ndarray, seed: int, batch_size: int =
 
 
 HEAD_FIT_VERSION = 2  # bump when train_head changes: head-fitted networks are rebuilt
-ONNX_EXPORT_FORMAT = 2  # bump when export_onnx changes how it exports: failed ONNX steps are retried
+ONNX_EXPORT_FORMAT = 3  # bump when export_onnx changes how it exports: failed ONNX steps are retried
 # Resident-memory limit of the tf2onnx subprocess: most of the machine's memory, never all of it.
 ONNX_EXPORT_MEMORY_BYTES = int(0.85 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
@@ -240,8 +240,13 @@ def export_onnx(saved_model_dir: Path, path: Path, memory_bytes: int = ONNX_EXPO
     import psutil
     import tf2onnx
 
-    command = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir), "--output", str(path),
-               "--opset", "17"]
+    work = Path(tempfile.mkdtemp(prefix="onnx-export-", dir=path.parent))
+    archive = work / "model.zip"
+    # --large_model keeps the weights out of the graph while tf2onnx works on it: VGG16 then peaks
+    # at 17.6 GB resident instead of passing 20 GB. Its writer still calls numpy.product, which
+    # numpy 2 removed (tf2onnx 1.17.0), hence the alias before tf2onnx's own entry point runs.
+    command = [sys.executable, "-c", TF2ONNX_ENTRY, "--saved-model", str(saved_model_dir), "--output", str(archive),
+               "--opset", "17", "--large_model"]
     peak, over = 0, False
     with tempfile.TemporaryFile("w+") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -260,11 +265,39 @@ def export_onnx(saved_model_dir: Path, path: Path, memory_bytes: int = ONNX_EXPO
             time.sleep(0.25)
         log.seek(0)
         tail = " ".join(log.read()[-600:].split())
-    if over or child.returncode != 0 or not path.is_file():
-        cause = (f"its resident memory passed {memory_bytes / 2**30:.0f} GB and it was stopped" if over
-                 else f"exit {child.returncode}, peak resident memory {peak / 2**30:.1f} GB")
-        raise ZooError(f"tf2onnx {tf2onnx.__version__} could not convert {saved_model_dir} ({cause}): {tail}")
-    return f"tf2onnx {tf2onnx.__version__} from the imported SavedModel, opset 17 (peak resident {peak / 2**30:.1f} GB)"
+    try:
+        if over or child.returncode != 0 or not archive.is_file():
+            cause = (f"its resident memory passed {memory_bytes / 2**30:.0f} GB and it was stopped" if over
+                     else f"exit {child.returncode}, peak resident memory {peak / 2**30:.1f} GB")
+            raise ZooError(f"tf2onnx {tf2onnx.__version__} could not convert {saved_model_dir} ({cause}): {tail}")
+        _single_onnx_file(archive, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return (f"tf2onnx {tf2onnx.__version__} from the imported SavedModel, opset 17, --large_model "
+            f"(peak resident {peak / 2**30:.1f} GB)")
+
+
+# `python -m tf2onnx.convert`, with numpy.product (gone in numpy 2, still called by tf2onnx 1.17.0's
+# --large_model writer) aliased to numpy.prod.
+TF2ONNX_ENTRY = ("import runpy, sys, numpy; numpy.product = numpy.prod; sys.argv[0] = 'tf2onnx.convert'; "
+                 "runpy.run_module('tf2onnx.convert', run_name='__main__')")
+
+
+def _single_onnx_file(archive: Path, path: Path) -> None:
+    """tf2onnx's --large_model zip (graph plus one file per weight) as one self-contained .onnx
+    file, the form `modelkit import` and ONNX users handle; fine below protobuf's 2 GB."""
+    import zipfile
+
+    import onnx
+
+    unpacked = archive.parent / "unpacked"
+    with zipfile.ZipFile(archive) as bundle:
+        bundle.extractall(unpacked)
+    graphs = sorted(unpacked.glob("*.onnx"))
+    if len(graphs) != 1:
+        raise ZooError(f"tf2onnx's archive {archive} holds {len(graphs)} .onnx graphs, not one")
+    model = onnx.load(str(graphs[0]), load_external_data=True)
+    onnx.save(model, str(path))
 
 
 def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, input_name: str) -> str:
