@@ -235,15 +235,17 @@ def test_a_malformed_push_is_acked_with_an_error_row(push_server):
     assert row["reason"] == "malformed_job"
 
 
-@pytest.mark.parametrize("token, status", [
-    (None, 401),
-    ("not-a-jwt", 401),
-    (push_token(audience="https://someone-else.test/push"), 401),
-    (push_token(email="intruder@other.iam.gserviceaccount.com"), 403),
-])
-def test_a_push_without_the_right_token_is_refused(push_server, token, status):
+# Tokens are minted when the test runs, not when pytest collects it: a token minted at collection
+# had expired (600 s) by the time a slow machine reached this test, and 401 came back for 403.
+@pytest.mark.parametrize("make_token, status", [
+    (lambda: None, 401),
+    (lambda: "not-a-jwt", 401),
+    (lambda: push_token(audience="https://someone-else.test/push"), 401),
+    (lambda: push_token(email="intruder@other.iam.gserviceaccount.com"), 403),
+], ids=["no-token", "not-a-jwt", "other-audience", "other-account"])
+def test_a_push_without_the_right_token_is_refused(push_server, make_token, status):
     message_id = f"push-refused-{uuid.uuid4().hex[:8]}"
-    response = push_server.push(b'{"bucket": "uploads"}', message_id, token)
+    response = push_server.push(b'{"bucket": "uploads"}', message_id, make_token())
     assert response.status_code == status, response.text
     assert push_server.rows("errors", "message_id", message_id) == []
 
