@@ -36,6 +36,11 @@ def local_warehouse(run_dir: Path, on_start: Callable[[str], None] = lambda mess
             raise ReportError(f"could not start the BigQuery emulator: {exc}") from exc
         started = True
     try:
+        # Data left by an older version lacks newer columns (cpu_flags, migration 003) and views: the
+        # same idempotent migration `make up` applies, so every query runs on old runs too.
+        from localcloud.resources import create_bigquery
+
+        create_bigquery(config)
         yield Warehouse(bigquery_client(config.project, config.client_env()), config.project, config.dataset,
                         f"local BigQuery emulator at {config.bigquery_url}: {config.project}.{config.dataset}")
     finally:

@@ -157,6 +157,31 @@ def test_report_after_the_stack_stopped_starts_its_bigquery_alone(tmp_path):
     assert processes.process("bigquery") is None, "the emulator the report started is still running"
 
 
+def test_report_on_data_from_before_a_schema_migration_migrates_it_first(tmp_path, monkeypatch):
+    """A run directory left by an older version lacks newer columns (cpu_flags, migration 003); the
+    report adds them as `make up` would, instead of failing by_model on an unknown column."""
+    from localcloud import resources, services
+    from localcloud.config import StackConfig
+    from localcloud.processes import ProcessManager
+
+    config = StackConfig.with_free_ports(tmp_path / "run")
+    config.save()
+    processes = ProcessManager(config.run_dir)
+    processes.start(services.bigquery(config))
+    schema = resources.table_schema
+    with monkeypatch.context() as patch:
+        patch.setattr(resources, "table_schema", lambda name: [f for f in schema(name) if f["name"] != "cpu_flags"])
+        patch.setattr(resources, "create_view", lambda *args: None)  # the views of that version did not exist
+        try:
+            resources.create_bigquery(config)
+        finally:
+            processes.stop("bigquery")
+    out = tmp_path / "report.html"
+    code, output = run_cli("--out", str(out), "--quiet", env={"LOCAL_RUN_DIR": str(config.run_dir)})
+    assert code == 0, output
+    assert "by_model" in out.read_text() and "Unrecognized name" not in out.read_text()
+
+
 def test_report_without_a_local_stack_says_what_to_run(tmp_path):
     code, output = run_cli("--out", str(tmp_path / "x.html"), env={"LOCAL_RUN_DIR": str(tmp_path / "run")})
     assert code == 1 and "make up" in output and "--project" in output
