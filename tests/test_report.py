@@ -136,13 +136,13 @@ def test_report_names_a_missing_dataset(stack, tmp_path):
 
 @pytest.mark.stack
 @pytest.mark.slow
-def test_report_after_the_stack_stopped_starts_its_bigquery_alone(tmp_path):
-    """`make demo` and `make bench` stop the stack; `make report` afterwards reads the data they left."""
+def _stopped_stack_with_tables(run_dir: Path):
+    """A run directory as `make demo` leaves it: BigQuery data written, every process stopped."""
     from localcloud import resources, services
     from localcloud.config import StackConfig
     from localcloud.processes import ProcessManager
 
-    config = StackConfig.with_free_ports(tmp_path / "run")
+    config = StackConfig.with_free_ports(run_dir)
     config.save()
     processes = ProcessManager(config.run_dir)
     processes.start(services.bigquery(config))
@@ -150,6 +150,12 @@ def test_report_after_the_stack_stopped_starts_its_bigquery_alone(tmp_path):
         resources.create_bigquery(config)
     finally:
         processes.stop("bigquery")
+    return config, processes
+
+
+def test_report_after_the_stack_stopped_starts_its_bigquery_alone(tmp_path):
+    """`make demo` and `make bench` stop the stack; `make report` afterwards reads the data they left."""
+    config, processes = _stopped_stack_with_tables(tmp_path / "run")
     out = tmp_path / "report.html"
     code, output = run_cli("--out", str(out), "--quiet", env={"LOCAL_RUN_DIR": str(config.run_dir)})
     assert code == 0, output
@@ -160,22 +166,13 @@ def test_report_after_the_stack_stopped_starts_its_bigquery_alone(tmp_path):
 def test_report_on_data_from_before_a_schema_migration_migrates_it_first(tmp_path, monkeypatch):
     """A run directory left by an older version lacks newer columns (cpu_flags, migration 003); the
     report adds them as `make up` would, instead of failing by_model on an unknown column."""
-    from localcloud import resources, services
-    from localcloud.config import StackConfig
-    from localcloud.processes import ProcessManager
+    from localcloud import resources
 
-    config = StackConfig.with_free_ports(tmp_path / "run")
-    config.save()
-    processes = ProcessManager(config.run_dir)
-    processes.start(services.bigquery(config))
     schema = resources.table_schema
     with monkeypatch.context() as patch:
         patch.setattr(resources, "table_schema", lambda name: [f for f in schema(name) if f["name"] != "cpu_flags"])
         patch.setattr(resources, "create_view", lambda *args: None)  # the views of that version did not exist
-        try:
-            resources.create_bigquery(config)
-        finally:
-            processes.stop("bigquery")
+        config, _ = _stopped_stack_with_tables(tmp_path / "run")
     out = tmp_path / "report.html"
     code, output = run_cli("--out", str(out), "--quiet", env={"LOCAL_RUN_DIR": str(config.run_dir)})
     assert code == 0, output
